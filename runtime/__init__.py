@@ -1,0 +1,7 @@
+"""feather_runtime: the lean runtime for feather-export artifacts.
+
+Importing this package must not import torch or transformers.
+"""
+from .errors import FeatherError
+
+__all__ = ["FeatherError"]
