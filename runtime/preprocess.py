@@ -1,0 +1,243 @@
+"""Image preprocessing equal to transformers' CLIPImageProcessor (PIL backend), using Pillow + numpy.
+
+Steps, as in LLaVA-1.5's preprocessor_config.json: convert to RGB (transparency composited on
+white), resize the shortest edge (bicubic, on uint8), center crop, rescale by 1/255, normalize.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import FeatherError
+
+CONFIG_NAME = "preprocessor_config.json"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_SUPPORTED_TYPES = {"CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast"}
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Return an RGB PIL image from a path, a PIL image, or a uint8 HxW / HxWxC (C in 1, 3, 4) array."""
+    if isinstance(image, (str, os.PathLike)):
+        return _load_path(pathlib.Path(image))
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise FeatherError(f"unsupported image input of type {type(image).__name__}: pass a file path, a PIL image or a numpy array")
+
+
+def _load_path(path: pathlib.Path) -> Image.Image:
+    if not path.exists():
+        raise FeatherError(f"image file not found: {path}")
+    if not path.is_file():
+        raise FeatherError(f"image path is not a file: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return _pil_to_rgb(opened)
+    except FeatherError as exc:
+        raise FeatherError(f"{path}: {exc}") from exc
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        raise FeatherError(f"cannot read image {path}: {exc}. Pass a valid PNG/JPEG/... image file.") from exc
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb for PIL images: composite any transparency onto white."""
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise FeatherError(f"cannot convert a {image.mode!r} image to RGB ({exc}); convert it to RGB or RGBA first") from exc
+
+
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    """transformers' convert_to_rgb for channels-last uint8 arrays (alpha blended onto white, rounded)."""
+    if array.dtype != np.uint8:
+        raise FeatherError(f"image array must be uint8 (0..255), got {array.dtype}; convert it first")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise FeatherError(f"image array must be HxW or HxWxC with C in (1, 3, 4), channels last; got shape {array.shape}")
+    if array.shape[-1] == 1:
+        rgb = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 4:
+        alpha = array[..., 3:4] / 255
+        rgb = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    else:
+        rgb = array
+    return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FeatherError(f"preprocessor config: {what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _parse_size(size: Any, what: str, square_int: bool) -> dict[str, int]:
+    """Accept {"shortest_edge": n}, {"height": h, "width": w} or an int, like transformers' get_size_dict."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = _positive_int(size, what)
+        return {"height": n, "width": n} if square_int else {"shortest_edge": n}
+    if isinstance(size, dict):
+        if set(size) == {"shortest_edge"}:
+            return {"shortest_edge": _positive_int(size["shortest_edge"], f"{what}.shortest_edge")}
+        if set(size) == {"height", "width"}:
+            return {k: _positive_int(size[k], f"{what}.{k}") for k in ("height", "width")}
+    raise FeatherError(
+        f"preprocessor config: {what} must be {{'shortest_edge': n}} or {{'height': h, 'width': w}}, got {size!r}"
+    )
+
+
+def _parse_triple(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise FeatherError(f"preprocessor config: {what} must be 3 numbers (one per RGB channel), got {value!r}")
+    return np.array(value, dtype=np.float32)
+
+
+class ImagePreprocessor:
+    """CLIPImageProcessor-equivalent preprocessing; call it on an image to get float32 [1, 3, H, W]."""
+
+    def __init__(self, config: dict[str, Any]):
+        if not isinstance(config, dict):
+            raise FeatherError(f"preprocessor config must be a JSON object, got {type(config).__name__}")
+        kind = config.get("image_processor_type", "CLIPImageProcessor")
+        if kind not in _SUPPORTED_TYPES:
+            raise FeatherError(f"unsupported image_processor_type {kind!r}; only CLIPImageProcessor (LLaVA-1.5) is supported")
+        if config.get("do_pad"):
+            raise FeatherError("preprocessor config: do_pad=true is not supported (LLaVA-1.5 CLIP preprocessing has no padding)")
+        self.do_convert_rgb = bool(config.get("do_convert_rgb", True))
+        self.do_resize = bool(config.get("do_resize", True))
+        self.size = _parse_size(config.get("size", {"shortest_edge": 224}), "size", square_int=False)
+        resample = config.get("resample", 3)
+        if isinstance(resample, bool) or resample not in [int(r) for r in Image.Resampling]:
+            raise FeatherError(f"preprocessor config: resample must be a PIL resampling id 0..5, got {resample!r}")
+        self.resample = Image.Resampling(resample)
+        self.do_center_crop = bool(config.get("do_center_crop", True))
+        self.crop_size = _parse_size(config.get("crop_size", {"height": 224, "width": 224}), "crop_size", square_int=True)
+        if "shortest_edge" in self.crop_size:
+            raise FeatherError("preprocessor config: crop_size must be {'height': h, 'width': w}")
+        self.do_rescale = bool(config.get("do_rescale", True))
+        factor = config.get("rescale_factor", 1 / 255)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+            raise FeatherError(f"preprocessor config: rescale_factor must be a number, got {factor!r}")
+        self.rescale_factor = float(factor)
+        self.do_normalize = bool(config.get("do_normalize", True))
+        self.image_mean = _parse_triple(config.get("image_mean", CLIP_MEAN), "image_mean")
+        self.image_std = _parse_triple(config.get("image_std", CLIP_STD), "image_std")
+        if self.do_normalize and np.any(self.image_std == 0):
+            raise FeatherError("preprocessor config: image_std must not contain 0")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ImagePreprocessor":
+        """Build from a preprocessor_config.json-style dict."""
+        return cls(config)
+
+    @classmethod
+    def from_dir(cls, path: Union[str, os.PathLike]) -> "ImagePreprocessor":
+        """Build from ``<path>/preprocessor_config.json``."""
+        file = pathlib.Path(path) / CONFIG_NAME
+        if not file.is_file():
+            raise FeatherError(f"{file} not found: the model directory must contain {CONFIG_NAME}")
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FeatherError(f"cannot parse {file}: {exc}") from exc
+        return cls(config)
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of the output, or None when it depends on the input image."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and "height" in self.size:
+            return self.size["height"], self.size["width"]
+        return None
+
+    def __call__(self, image: ImageInput) -> np.ndarray:
+        """Preprocess one image to a contiguous float32 array of shape [1, 3, H, W]."""
+        if self.do_convert_rgb:
+            pil = load_image(image)
+        else:
+            pil = image if isinstance(image, Image.Image) else load_image(image)
+            if pil.mode != "RGB":
+                raise FeatherError(f"image mode {pil.mode!r} is not RGB and do_convert_rgb is false in the config")
+        if pil.width == 0 or pil.height == 0:
+            raise FeatherError(f"image has zero size {pil.size}; pass a non-empty image")
+        if self.do_resize:
+            height, width = self._resize_shape(pil.height, pil.width)
+            pil = pil.resize((width, height), resample=self.resample)
+        pixels = np.asarray(pil).transpose(2, 0, 1)  # CHW uint8
+        if self.do_center_crop:
+            pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        if self.do_rescale:
+            pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            pixels = pixels.astype(np.float32)
+            pixels = (pixels - self.image_mean[:, None, None]) / self.image_std[:, None, None]
+        return np.ascontiguousarray(pixels[None], dtype=np.float32)
+
+    def _resize_shape(self, height: int, width: int) -> tuple[int, int]:
+        """transformers' get_resize_output_image_size(default_to_square=False): long edge truncated."""
+        if "height" in self.size:
+            return self.size["height"], self.size["width"]
+        target = self.size["shortest_edge"]
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(target * long / short)
+        return (new_long, target) if width <= height else (target, new_long)
+
+
+def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers' center_crop on CHW: offset (orig - crop) // 2, zero padding when the image is smaller."""
+    _, orig_h, orig_w = pixels.shape
+    top, left = (orig_h - crop_h) // 2, (orig_w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return pixels[:, top : top + crop_h, left : left + crop_w]
+    new_h, new_w = max(crop_h, orig_h), max(crop_w, orig_w)
+    padded = np.zeros((pixels.shape[0], new_h, new_w), dtype=pixels.dtype)
+    top_pad, left_pad = math.ceil((new_h - orig_h) / 2), math.ceil((new_w - orig_w) / 2)
+    padded[:, top_pad : top_pad + orig_h, left_pad : left_pad + orig_w] = pixels
+    top, left = top + top_pad, left + left_pad
+    return padded[:, max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
+
+
+def write_preprocessor_config(out_dir: Union[str, os.PathLike], image_size: int) -> pathlib.Path:
+    """Write a LLaVA-1.5-style preprocessor_config.json for square CLIP inputs of image_size; return its path."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise FeatherError(f"image_size must be a positive integer, got {image_size!r}")
+    config = {
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(CLIP_STD),
+        "processor_class": "LlavaProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": image_size},
+    }
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_NAME
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path
