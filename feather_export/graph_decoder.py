@@ -1,0 +1,107 @@
+"""The ``embed`` and ``decoder_a_b`` segments (Llama), shared by prefill and decode."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import FeatherError
+from .onnx_graph import GraphBuilder
+from .onnx_layers import (F32, activation, apply_rope, attend, attention_probs, causal_mask, dim,
+                          linear, rms_norm, rope_tables, split_heads)
+
+
+def check_text_config(text_config) -> None:
+    """Refuse Llama variants the exporter does not reproduce exactly."""
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise FeatherError(f"rope_type {rope_type!r} is not supported yet (only 'default')")
+    if getattr(text_config, "hidden_act", "silu") != "silu":
+        raise FeatherError(f"decoder activation {text_config.hidden_act!r} is not supported (silu)")
+
+
+def inv_freq(text_config, head_dim: int) -> np.ndarray:
+    theta = (getattr(text_config, "rope_parameters", None) or {}).get(
+        "rope_theta", getattr(text_config, "rope_theta", 10000.0))
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+
+
+def attn_geometry(text_config):
+    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def build_embed(model, et: int):
+    lm = model.model.language_model
+    g = GraphBuilder("embed")
+    ids = g.input("input_ids", 7, [1, "seq"])
+    table = g.weight("embed_tokens.weight", lm.embed_tokens.weight, et)
+    g.output(g.op("Gather", table, ids, axis=0), "inputs_embeds", et, [1, "seq", lm.config.hidden_size])
+    return g.model()
+
+
+def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
+                       score_layer: int | None = None):
+    """Layers [start, end); ``final`` adds the norm and lm_head on the last position.
+
+    ``score_layer`` additionally outputs that layer's input (``layer_input.{i}``) for the next
+    ``select`` segment.
+    """
+    lm = model.model.language_model
+    cfg = lm.config
+    check_text_config(cfg)
+    heads, kv_heads, head_dim = attn_geometry(cfg)
+    d = cfg.hidden_size
+    g = GraphBuilder(f"decoder_{start}_{end}")
+    hidden = g.input("inputs_embeds", et, [1, "seq", d])
+    positions = g.input("position_ids", 7, [1, "seq"])
+    pasts = [(g.input(f"past_key_values.{i}.key", et, [1, kv_heads, "past", head_dim]),
+              g.input(f"past_key_values.{i}.value", et, [1, kv_heads, "past", head_dim]))
+             for i in range(start, end)]
+    cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), et)
+    mask = causal_mask(g, dim(g, hidden, 1), dim(g, pasts[0][0], 2))
+    for i, (past_k, past_v) in zip(range(start, end), pasts):
+        if i == score_layer:
+            g.output(hidden, f"layer_input.{i}", et, [1, "seq", d])
+        hidden = _llama_layer(g, lm.layers[i], i, hidden, cos, sin, mask, past_k, past_v,
+                              (heads, kv_heads, head_dim), et)
+    if final:
+        last = g.op("Slice", hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
+        normed = rms_norm(g, last, lm.norm, "norm", et)
+        logits = g.op("Cast", linear(g, normed, model.lm_head, "lm_head", et), to=F32)
+        g.output(logits, "logits", F32, [1, 1, cfg.vocab_size])
+    else:
+        g.output(hidden, "hidden_states", et, [1, "seq", d])
+    return g.model()
+
+
+def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et):
+    heads, kv_heads, head_dim = geometry
+    attn, p = layer.self_attn, f"layers.{i}"
+    x = rms_norm(g, hidden, layer.input_layernorm, f"{p}.input_layernorm", et)
+    qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et)
+    q, k, v = g.op("Split", qkv, g.const([heads * head_dim, kv_heads * head_dim,
+                                          kv_heads * head_dim]), axis=-1, outputs=3)
+    q = apply_rope(g, split_heads(g, q, heads, head_dim), cos, sin, head_dim)
+    k = apply_rope(g, split_heads(g, k, kv_heads, head_dim), cos, sin, head_dim)
+    v = split_heads(g, v, kv_heads, head_dim)
+    k = g.op("Concat", past_k, k, axis=2, outputs=[f"present.{i}.key"])
+    v = g.op("Concat", past_v, v, axis=2, outputs=[f"present.{i}.value"])
+    g.outputs.append(_vi(f"present.{i}.key", et, [1, kv_heads, "total", head_dim]))
+    g.outputs.append(_vi(f"present.{i}.value", et, [1, kv_heads, "total", head_dim]))
+    probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, mask)
+    ctx = attend(g, probs, v, heads, head_dim, et)
+    hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et))
+    x = rms_norm(g, hidden, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", et)
+    mlp = layer.mlp
+    inter = mlp.gate_proj.out_features
+    gate_up = linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{p}.gate_up_proj", et)
+    gate, up = g.op("Split", gate_up, g.const([inter, inter]), axis=-1, outputs=2)
+    act = activation(g, gate, "silu", et)
+    return g.op("Add", hidden, linear(g, g.op("Mul", act, up), mlp.down_proj, f"{p}.down_proj", et))
+
+
+def _vi(name, et, shape):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, et, shape)
