@@ -3,5 +3,6 @@
 Importing this package must not import torch or transformers.
 """
 from .errors import FeatherError
+from .pipeline import Pipeline, Result
 
-__all__ = ["FeatherError"]
+__all__ = ["FeatherError", "Pipeline", "Result"]

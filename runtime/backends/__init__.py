@@ -1,0 +1,41 @@
+"""Backends run one segment each, with one lifecycle: ``load`` -> ``runner.run(feeds)``.
+
+A backend turns a manifest ``Segment`` into a ``SegmentRunner``. ONNX Runtime works everywhere;
+TensorRT plugs into the same interface.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..errors import FeatherError
+
+
+class SegmentRunner(Protocol):
+    name: str
+
+    def run(self, feeds: dict) -> dict:
+        """Run the segment on named inputs; returns every output by name (host numpy arrays)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, root, segment) -> SegmentRunner:
+        """Load one segment of the artifact at ``root``."""
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """``onnxruntime`` (CPU, or CUDA when onnxruntime-gpu is installed); None picks what is installed."""
+    from .onnxruntime import OnnxRuntimeBackend
+
+    if name in (None, "auto", "onnxruntime", "ort"):
+        return OnnxRuntimeBackend()
+    if name in ("onnxruntime-cpu", "cpu"):
+        return OnnxRuntimeBackend(device="cpu")
+    if name in ("onnxruntime-cuda", "cuda"):
+        return OnnxRuntimeBackend(device="cuda")
+    if name == "tensorrt":
+        raise FeatherError("the TensorRT backend is not available in this build of feather_runtime; "
+                           "use --backend onnxruntime")
+    raise FeatherError(f"unknown backend {name!r}; choose onnxruntime, onnxruntime-cpu, "
+                       "onnxruntime-cuda")

@@ -1,0 +1,254 @@
+"""``Pipeline``: prefill (vision -> embed+merge -> decoder spans with selection) and decode.
+
+Positions follow DESIGN §3: kept tokens keep their original positions and decoding continues after
+the last one (FasterVLM: contiguous positions of the shortened sequence). Calls are serialized by a
+lock: a Pipeline can be shared between threads, one request runs at a time.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .backends import get_backend
+from .errors import FeatherError
+from .kv_cache import SpanCache
+from .manifest import Manifest, load_manifest
+from .sampling import Sampler, SamplingConfig
+
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    kept: list[list[int]]                  # original image indices kept, per stage
+    timings: dict[str, float]              # seconds, plus decode_tokens_per_s
+    text: str = ""
+    first_logits: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Step:
+    """One prefill step: a decoder span, optionally followed by its select segment."""
+    span: str
+    cache: SpanCache
+    select: str | None
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, backend, runners: dict):
+        self.manifest = manifest
+        self.backend = backend
+        self.runners = runners
+        self._lock = threading.Lock()
+        model = manifest["model"]
+        self.num_image_tokens = model["num_image_tokens"]
+        self.image_token_id = model["image_token_id"]
+        self.eos_token_ids = set(model["eos_token_ids"])
+        self.method = manifest["prune"]["method"]
+        self.stages = manifest["prune"]["stages"]
+        dtype = manifest["dtype"]
+        if dtype not in NUMPY_DTYPES:
+            raise FeatherError(f"{manifest.root} holds {dtype} graphs; the ONNX Runtime backend runs "
+                               "fp32 and fp16 artifacts")
+        self.dtype = NUMPY_DTYPES[dtype]
+        self.steps = self._plan_steps()
+        self._preprocessor = self._prompt = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path, backend: str | None = None, verify: bool = True) -> "Pipeline":
+        """Open an artifact directory (checked against its manifest) with a backend."""
+        manifest = load_manifest(path, verify=verify)
+        chosen = get_backend(backend)
+        runners = {seg.name: chosen.load(manifest.root, seg) for seg in manifest.segments}
+        return cls(manifest, chosen, runners)
+
+    def _plan_steps(self) -> list[_Step]:
+        m = self.manifest["model"]
+        limit = self.manifest["max_text_tokens"] + self.manifest["max_new_tokens"]
+        num_image = self.num_image_tokens if self.method != "fastervlm" else self.stages[0]["keep"]
+        steps = []
+        segments = self.manifest.segments
+        for i, seg in enumerate(segments):
+            if seg.kind != "decoder":
+                continue
+            nxt = segments[i + 1] if i + 1 < len(segments) else None
+            select = nxt.name if nxt is not None and nxt.kind == "select" else None
+            cache = SpanCache(range(*seg.layers), limit + num_image, m["num_key_value_heads"],
+                              m["head_dim"], self.dtype)
+            steps.append(_Step(seg.name, cache, select))
+            if select is not None:
+                num_image = self.stages[nxt.stage]["keep"]
+        return steps
+
+    # ---- user inputs --------------------------------------------------------------------
+    @property
+    def preprocessor(self):
+        from .preprocess import ImagePreprocessor
+
+        if self._preprocessor is None:
+            self._preprocessor = ImagePreprocessor.from_dir(self.manifest.root)
+        return self._preprocessor
+
+    @property
+    def prompt_builder(self):
+        from .prompt import PromptBuilder
+
+        if self._prompt is None:
+            self._prompt = PromptBuilder.from_dir(self.manifest.root / "tokenizer")
+        return self._prompt
+
+    def encode(self, image, prompt: str):
+        """Preprocessed (pixel_values, input_ids) for an image path/PIL image and a question."""
+        from .preprocess import load_image
+
+        if image is None:
+            raise FeatherError("this model needs an image: pass image=PATH (or --image)")
+        pixels = self.preprocessor(load_image(image))
+        ids = self.prompt_builder.build(prompt, self.num_image_tokens)
+        return pixels, ids
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, **kwargs) -> Result:
+        pixels, ids = self.encode(image, prompt)
+        return self.generate_ids(pixels, ids, max_new_tokens, decode_text=True, **kwargs)
+
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64,
+               **kwargs) -> Iterator[str]:
+        """Yield the answer's text as it is generated."""
+        pixels, ids = self.encode(image, prompt)
+        for piece in self._generate(pixels, ids, max_new_tokens, stream=True, **kwargs):
+            if isinstance(piece, str):
+                yield piece
+
+    def generate_ids(self, pixel_values, input_ids, max_new_tokens: int = 64, *,
+                     decode_text: bool = False, **kwargs) -> Result:
+        """Generate from preprocessed inputs (image token already expanded to N in input_ids)."""
+        result = None
+        for item in self._generate(pixel_values, input_ids, max_new_tokens,
+                                   decode_text=decode_text, **kwargs):
+            result = item
+        return result
+
+    def _generate(self, pixel_values, input_ids, max_new_tokens, *, temperature=0.0, top_k=0,
+                  top_p=1.0, seed=None, stop=(), stream=False, decode_text=False):
+        sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
+        pixel_values, input_ids, start = self._check_inputs(pixel_values, input_ids, max_new_tokens)
+        self._lock.acquire()      # one request at a time; others wait
+        try:
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            logits, kept, next_pos = self._prefill(pixel_values, input_ids, start, timings)
+            timings["ttft"] = time.perf_counter() - t0
+            tokens, text = [], ""
+            first_logits = logits
+            t1 = time.perf_counter()
+            stop = (stop,) if isinstance(stop, str) else tuple(stop)
+            for step in range(max_new_tokens):
+                token = sampler(logits)
+                tokens.append(token)
+                if stream or decode_text or stop:
+                    new_text = self.prompt_builder.decode(tokens)
+                    cut = _stop_index(new_text, stop)
+                    if cut is not None:
+                        new_text = new_text[:cut]
+                    if stream and len(new_text) > len(text) and new_text.startswith(text):
+                        yield new_text[len(text):]
+                    text = new_text
+                    if cut is not None:
+                        break
+                if token in self.eos_token_ids or step + 1 == max_new_tokens:
+                    break
+                logits = self._decode_step(token, next_pos)
+                next_pos += 1
+            decode_time = time.perf_counter() - t1
+            timings["decode"] = decode_time
+            steps = max(len(tokens) - 1, 0)
+            timings["decode_tokens_per_s"] = steps / decode_time if steps and decode_time else 0.0
+            yield Result(tokens, kept, timings, text, first_logits)
+        finally:
+            self._lock.release()
+
+    def _check_inputs(self, pixel_values, input_ids, max_new_tokens):
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        size = self.manifest["model"]["image_size"]
+        if pixels.shape != (1, 3, size, size):
+            raise FeatherError(f"pixel_values must have shape (1, 3, {size}, {size}); "
+                               f"got {pixels.shape}")
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(1, -1)
+        where = np.flatnonzero(ids[0] == self.image_token_id)
+        n = self.num_image_tokens
+        if len(where) != n or where[-1] - where[0] != n - 1:
+            raise FeatherError(f"input_ids must hold one contiguous block of {n} image tokens "
+                               f"(id {self.image_token_id}); found {len(where)}")
+        text_tokens = ids.shape[1] - n
+        if text_tokens > self.manifest["max_text_tokens"]:
+            raise FeatherError(f"the prompt has {text_tokens} text tokens; this artifact allows "
+                               f"{self.manifest['max_text_tokens']} (--max-text-tokens at build)")
+        if not 1 <= max_new_tokens <= self.manifest["max_new_tokens"]:
+            raise FeatherError(f"max_new_tokens must be between 1 and "
+                               f"{self.manifest['max_new_tokens']} for this artifact")
+        return pixels, ids, int(where[0])
+
+    def _run(self, name: str, feeds: dict, timings: dict | None = None) -> dict:
+        t = time.perf_counter()
+        out = self.runners[name].run(feeds)
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def _prefill(self, pixels, ids, start, timings):
+        n = self.num_image_tokens
+        vision = self._run("vision", {"pixel_values": pixels}, timings)
+        features, original = vision["image_features"], np.arange(n)
+        kept_all = []
+        if self.method == "fastervlm":
+            sel = self._run("select_0", {"cls_scores": vision["cls_scores"],
+                                         "image_features": features}, timings)
+            features, original = sel["pruned_image_features"], original[sel["kept"]]
+            kept_all.append(original.tolist())
+        embeds = self._run("embed", {"input_ids": ids}, timings)["inputs_embeds"]
+        hidden = np.concatenate([embeds[:, :start], features, embeds[:, start + n:]], axis=1)
+        positions = np.arange(hidden.shape[1], dtype=np.int64)[None]
+        for step in self.steps:
+            step.cache.reset()
+            out = self._run(step.span, {"inputs_embeds": hidden, "position_ids": positions,
+                                        **step.cache.past_feeds()}, timings)
+            step.cache.append(out)
+            if step.select is None:
+                logits = out["logits"]
+                continue
+            score_input = layer_input_name(out)
+            sel = self._run(step.select, {score_input: out[score_input],
+                                          "hidden_states": out["hidden_states"],
+                                          "position_ids": positions,
+                                          "image_start": np.asarray(start, np.int64)}, timings)
+            hidden, positions = sel["pruned_hidden_states"], sel["pruned_position_ids"]
+            original = original[sel["kept"]]
+            kept_all.append(original.tolist())
+        timings["selection"] = sum(v for k, v in timings.items() if k.startswith("select_"))
+        return logits.reshape(-1), kept_all, int(positions[0, -1]) + 1
+
+    def _decode_step(self, token: int, position: int) -> np.ndarray:
+        hidden = self._run("embed", {"input_ids": np.asarray([[token]], np.int64)})["inputs_embeds"]
+        pos = np.asarray([[position]], np.int64)
+        for step in self.steps:
+            out = self._run(step.span, {"inputs_embeds": hidden, "position_ids": pos,
+                                        **step.cache.past_feeds()})
+            step.cache.append(out)
+            hidden = out.get("hidden_states")
+        return out["logits"].reshape(-1)
+
+
+def layer_input_name(outputs: dict) -> str:
+    return next(k for k in outputs if k.startswith("layer_input."))
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
