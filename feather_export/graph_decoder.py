@@ -6,7 +6,7 @@ import numpy as np
 from .errors import FeatherError
 from .onnx_graph import GraphBuilder
 from .onnx_layers import (F32, activation, apply_rope, attend, attention_probs, causal_mask, dim,
-                          linear, rms_norm, rope_tables, split_heads)
+                          heads_first, linear, rms_norm, rope_tables, split_heads)
 
 
 def check_text_config(text_config) -> None:
@@ -55,11 +55,11 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     g = GraphBuilder(f"decoder_{start}_{end}")
     hidden = g.input("inputs_embeds", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])
-    pasts = [(g.input(f"past_key_values.{i}.key", et, [1, kv_heads, "past", head_dim]),
-              g.input(f"past_key_values.{i}.value", et, [1, kv_heads, "past", head_dim]))
+    pasts = [(g.input(f"past_key_values.{i}.key", et, [1, "past", kv_heads, head_dim]),
+              g.input(f"past_key_values.{i}.value", et, [1, "past", kv_heads, head_dim]))
              for i in range(start, end)]
     cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), et)
-    mask = causal_mask(g, dim(g, hidden, 1), dim(g, pasts[0][0], 2))
+    mask = causal_mask(g, dim(g, hidden, 1), dim(g, pasts[0][0], 1))
     for i, (past_k, past_v) in zip(range(start, end), pasts):
         if i == score_layer:
             g.output(hidden, f"layer_input.{i}", et, [1, "seq", d])
@@ -82,13 +82,14 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
     qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et)
     q, k, v = g.op("Split", qkv, g.const([heads * head_dim, kv_heads * head_dim,
                                           kv_heads * head_dim]), axis=-1, outputs=3)
-    q = apply_rope(g, split_heads(g, q, heads, head_dim), cos, sin, head_dim)
-    k = apply_rope(g, split_heads(g, k, kv_heads, head_dim), cos, sin, head_dim)
-    v = split_heads(g, v, kv_heads, head_dim)
-    k = g.op("Concat", past_k, k, axis=2, outputs=[f"present.{i}.key"])
-    v = g.op("Concat", past_v, v, axis=2, outputs=[f"present.{i}.value"])
-    g.outputs.append(_vi(f"present.{i}.key", et, [1, kv_heads, "total", head_dim]))
-    g.outputs.append(_vi(f"present.{i}.value", et, [1, kv_heads, "total", head_dim]))
+    q = heads_first(g, apply_rope(g, split_heads(g, q, heads, head_dim), cos, sin, head_dim))
+    k_new = apply_rope(g, split_heads(g, k, kv_heads, head_dim), cos, sin, head_dim)
+    v_new = split_heads(g, v, kv_heads, head_dim)
+    # outputs are only the new rows: the runtime appends them to its preallocated cache
+    g.output(k_new, f"present.{i}.key", et, [1, "seq", kv_heads, head_dim])
+    g.output(v_new, f"present.{i}.value", et, [1, "seq", kv_heads, head_dim])
+    k = heads_first(g, g.op("Concat", past_k, k_new, axis=1))
+    v = heads_first(g, g.op("Concat", past_v, v_new, axis=1))
     probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, mask)
     ctx = attend(g, probs, v, heads, head_dim, et)
     hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et))
@@ -100,8 +101,3 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
     act = activation(g, gate, "silu", et)
     return g.op("Add", hidden, linear(g, g.op("Mul", act, up), mlp.down_proj, f"{p}.down_proj", et))
 
-
-def _vi(name, et, shape):
-    from onnx import helper
-
-    return helper.make_tensor_value_info(name, et, shape)

@@ -11,8 +11,8 @@ import numpy as np
 from .config import Stage
 from .graph_decoder import attn_geometry, inv_freq
 from .onnx_graph import GraphBuilder
-from .onnx_layers import (F32, apply_rope, attention_probs, dim, linear, rms_norm, rope_tables,
-                          split_heads)
+from .onnx_layers import (F32, apply_rope, attention_probs, dim, heads_first, linear, rms_norm,
+                          rope_tables, split_heads)
 from .select_op import select_function, select_node
 
 SELECT_OUTPUTS = ["kept", "pruned_hidden_states", "pruned_position_ids"]
@@ -44,12 +44,11 @@ def build_select(model, stage: Stage, side: int, et: int):
         k = split_heads(g, linear(g, x, layer.self_attn.k_proj, f"{p}.k_proj", et), kv_heads, head_dim)
         cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), F32)
         last_pos = g.op("Sub", dim(g, positions, 1), g.const(1))
-        cos_q, sin_q = (g.op("Gather", t, last_pos, axis=2) for t in (cos, sin))
-        q32 = apply_rope(g, g.op("Cast", q, to=F32), g.op("Unsqueeze", cos_q, g.const([2])),
-                         g.op("Unsqueeze", sin_q, g.const([2])), head_dim)
+        cos_q, sin_q = (g.op("Unsqueeze", g.op("Gather", t, last_pos, axis=1), g.const([1]))
+                        for t in (cos, sin))
+        q = apply_rope(g, g.op("Cast", q, to=F32), cos_q, sin_q, head_dim)
         k = apply_rope(g, g.op("Cast", k, to=F32), cos, sin, head_dim)
-        q = q32
-    q, k = g.op("Cast", q, to=F32), g.op("Cast", k, to=F32)
+    q, k = heads_first(g, g.op("Cast", q, to=F32)), heads_first(g, g.op("Cast", k, to=F32))
     probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, None)  # [1,kvh,g,1,T]
     scores = g.op("Reshape", g.op("ReduceMean", probs, axes=[0, 1, 2, 3], keepdims=0), g.const([-1]))
     if stage.criterion == "fastv":

@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import FeatherError
-from .onnx_graph import GraphBuilder
+from .onnx_graph import DTYPES, GraphBuilder
 from .onnx_layers import (F32, activation, attend, attention_probs, cast, layer_norm, linear,
-                          split_heads)
+                          heads_first, split_heads)
+
+BF16 = DTYPES["bf16"]
 
 
 def _clip_model(model):
@@ -37,8 +39,11 @@ def build_vision(model, et: int):
     g = GraphBuilder("vision")
     pixels = g.input("pixel_values", F32, [1, 3, size, size])
     emb = clip.embeddings
-    x = g.op("Conv", cast(g, pixels, F32, et), g.weight("patch_embedding.weight",
-             emb.patch_embedding.weight, et), kernel_shape=[patch, patch], strides=[patch, patch])
+    conv_type = F32 if et == BF16 else et      # ONNX Conv has no bfloat16 before opset 22
+    x = g.op("Conv", cast(g, pixels, F32, conv_type), g.weight("patch_embedding.weight",
+             emb.patch_embedding.weight, conv_type), kernel_shape=[patch, patch],
+             strides=[patch, patch])
+    x = cast(g, x, conv_type, et)
     x = g.op("Transpose", g.op("Reshape", x, g.const([1, c, n])), perm=[0, 2, 1])
     cls = g.weight("class_embedding", emb.class_embedding.reshape(1, 1, c), et)
     x = g.op("Concat", cls, x, axis=1)
@@ -50,7 +55,7 @@ def build_vision(model, et: int):
         h = layer_norm(g, x, layer.layer_norm1, f"{p}.layer_norm1", et)
         a = layer.self_attn
         qkv = linear(g, h, [a.q_proj, a.k_proj, a.v_proj], f"{p}.qkv_proj", et)
-        q, k, v = (split_heads(g, t, heads, head_dim)
+        q, k, v = (heads_first(g, split_heads(g, t, heads, head_dim))
                    for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
         probs = attention_probs(g, q, k, 1, heads, head_dim, None)      # [1, H, 1, 1+N, 1+N]
         x = g.op("Add", x, linear(g, attend(g, probs, v, heads, head_dim, et), a.out_proj,

@@ -67,8 +67,13 @@ def activation(g: GraphBuilder, x: str, name: str, et: int) -> str:
 
 
 def split_heads(g: GraphBuilder, x: str, heads: int, head_dim: int) -> str:
-    """[1, S, heads*hd] -> [1, heads, S, hd]."""
-    return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
+    """[1, S, heads*hd] -> [1, S, heads, hd] (the KV-cache layout: a prefix is contiguous)."""
+    return g.op("Reshape", x, g.const([0, 0, heads, head_dim]))
+
+
+def heads_first(g: GraphBuilder, x: str) -> str:
+    """[1, S, heads, hd] -> [1, heads, S, hd]."""
+    return g.op("Transpose", x, perm=[0, 2, 1, 3])
 
 
 def merge_heads(g: GraphBuilder, x: str) -> str:
@@ -77,15 +82,15 @@ def merge_heads(g: GraphBuilder, x: str) -> str:
 
 
 def rope_tables(g: GraphBuilder, position_ids: str, inv_freq: np.ndarray, et: int):
-    """cos/sin [1, 1, S, hd] for int64 position ids [1, S] (fp32 math, as transformers)."""
+    """cos/sin [1, S, 1, hd] for int64 position ids [1, S] (fp32 math, as transformers)."""
     pos = g.op("Unsqueeze", g.op("Cast", position_ids, to=F32), g.const([2]))        # [1, S, 1]
     freqs = g.op("Mul", pos, g.const(inv_freq.reshape(1, 1, -1), np.float32))      # [1, S, hd/2]
-    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))    # [1, 1, S, hd]
+    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2]))    # [1, S, 1, hd]
     return cast(g, g.op("Cos", emb), F32, et), cast(g, g.op("Sin", emb), F32, et)
 
 
 def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
-    """x * cos + rotate_half(x) * sin for x [1, heads, S, hd]."""
+    """x * cos + rotate_half(x) * sin for x [1, S, heads, hd]."""
     half = head_dim // 2
     x1, x2 = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)

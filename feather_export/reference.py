@@ -42,12 +42,12 @@ def image_span(input_ids, image_token_id: int, num_image: int) -> int:
     return int(where[0])
 
 
-def _select(stage: Stage, scores, side: int) -> np.ndarray:
+def select_stage(stage: Stage, scores, side: int) -> np.ndarray:
     forced = grid_mask(stage.num_in, side, stage.grid_stride)
     return select_tokens(scores.detach().cpu().numpy(), stage.keep, forced)
 
 
-def _gather_sequence(tensor, start: int, num_image: int, kept: np.ndarray):
+def gather_sequence(tensor, start: int, num_image: int, kept: np.ndarray):
     import torch
 
     index = np.concatenate([np.arange(start), start + kept,
@@ -85,7 +85,7 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
     original = np.arange(geo.num_image_tokens)
 
     with torch.no_grad():
-        features, cls_scores = _vision(model, pixel_values, cls_attention_scores)
+        features, cls_scores = vision_features(model, pixel_values, cls_attention_scores)
         hidden = lm.embed_tokens(input_ids)
         hidden = torch.cat([hidden[:, :start], features.to(hidden.dtype),
                             hidden[:, start + geo.num_image_tokens:]], dim=1)
@@ -94,9 +94,9 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
         num_image = geo.num_image_tokens
         if cfg.method == "fastervlm":
             stage = cfg.stages[0]
-            kept = _select(stage, cls_scores, geo.grid_side)
+            kept = select_stage(stage, cls_scores, geo.grid_side)
             result.scores.append(cls_scores.numpy())
-            hidden = _gather_sequence(hidden, start, num_image, kept)
+            hidden = gather_sequence(hidden, start, num_image, kept)
             positions = torch.arange(hidden.shape[1])[None]
             original, num_image = original[kept], stage.keep
             result.kept.append(original.tolist())
@@ -112,17 +112,17 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
                 else:
                     scores = fastv_scores(prev, lm.rotary_emb, layer_input, positions,
                                           start, num_image)
-                kept = _select(stage, scores, geo.grid_side)
+                kept = select_stage(stage, scores, geo.grid_side)
                 result.scores.append(scores.numpy())
-                hidden = _gather_sequence(hidden, start, num_image, kept)
-                positions = _gather_sequence(positions, start, num_image, kept)
+                hidden = gather_sequence(hidden, start, num_image, kept)
+                positions = gather_sequence(positions, start, num_image, kept)
                 original, num_image = original[kept], stage.keep
                 result.kept.append(original.tolist())
             layer_input = hidden
-            hidden = _layer(layer, lm.rotary_emb, hidden, positions, cache,
+            hidden = run_layer(layer, lm.rotary_emb, hidden, positions, cache,
                             _causal_mask(hidden.shape[1], hidden.dtype))
 
-        logits = _logits(model, hidden[:, -1:])
+        logits = lm_logits(model, hidden[:, -1:])
         result.first_logits = logits.float().clone()
         eos = _eos_ids(model)
         next_pos = int(positions[0, -1]) + 1
@@ -134,13 +134,13 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
             hidden = lm.embed_tokens(torch.tensor([[token]]))
             pos = torch.tensor([[next_pos]])
             for layer in lm.layers:
-                hidden = _layer(layer, lm.rotary_emb, hidden, pos, cache, None)
-            logits = _logits(model, hidden)
+                hidden = run_layer(layer, lm.rotary_emb, hidden, pos, cache, None)
+            logits = lm_logits(model, hidden)
             next_pos += 1
     return result
 
 
-def _vision(model, pixel_values, cls_attention_scores):
+def vision_features(model, pixel_values, cls_attention_scores):
     """Projected image features [1, N, d] and FasterVLM's CLS scores [N] (transformers' own path)."""
     vt = model.model.vision_tower
     out = vt(pixel_values, output_hidden_states=True, return_dict=True)
@@ -157,14 +157,14 @@ def _clip_layers(vision_tower):
     return model.encoder.layers
 
 
-def _layer(layer, rotary, hidden, positions, cache, mask):
+def run_layer(layer, rotary, hidden, positions, cache, mask):
     pos_emb = rotary(hidden, positions)
     out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, position_embeddings=pos_emb)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _logits(model, hidden):
+def lm_logits(model, hidden):
     lm = model.model.language_model
     return model.lm_head(lm.norm(hidden))[0, -1]
 

@@ -173,8 +173,15 @@ class _Scope:
 
     def add_nodes(self, nodes) -> "_Scope":
         for node in nodes:
-            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output:
+            if node.domain not in _DEFAULT_DOMAINS or not node.output:
+                continue
+            if node.op_type == "Constant":
                 self.consts[node.output[0]] = self._constant_value(node)
+            elif node.op_type in _SHAPE_ONLY_OPS and node.input:
+                # TensorRT folds these at build time: a reshaped constant is still a constant
+                known = [self.lookup(name) for name in node.input if name]
+                if all(is_const for is_const, _ in known):
+                    self.consts[node.output[0]] = _fold_shape_op(node, [v for _, v in known])
         return self
 
     def _constant_value(self, node) -> np.ndarray | None:
@@ -198,6 +205,26 @@ class _Scope:
                 return scope.caller.lookup(scope.aliases[name])
             scope = scope.parent
         return False, None
+
+
+_SHAPE_ONLY_OPS = {"Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast"}
+
+
+def _fold_shape_op(node, values) -> np.ndarray | None:
+    """The folded value of a shape-only op on constants (None when a value is not stored inline)."""
+    if any(v is None for v in values):
+        return None
+    data = values[0]
+    if node.op_type in ("Identity", "Cast"):
+        return data
+    if node.op_type == "Reshape":
+        return data.reshape(values[1])
+    if node.op_type == "Unsqueeze":
+        for axis in sorted(int(a) for a in values[1].reshape(-1)):
+            data = np.expand_dims(data, axis)
+        return data
+    return np.squeeze(data, tuple(int(a) for a in values[1].reshape(-1))) if len(values) > 1 \
+        else np.squeeze(data)
 
 
 def _tensor_value(t: TensorProto) -> np.ndarray | None:

@@ -1,0 +1,211 @@
+"""``feather-export``: the command line. Parses strings at the edge, calls the library, prints.
+
+User errors (``FeatherError``) are printed as one line and exit with status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import FeatherError
+
+DEFAULT_MODEL = "tiny"
+EXIT_USER_ERROR = 2
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="feather", help="none | feather | fastv | fastervlm")
+    p.add_argument("--budget", type=int, help="image tokens kept by the first stage "
+                   "(default: a quarter of the image tokens, 144 on LLaVA-1.5)")
+    p.add_argument("--schedule", help="LAYER:COUNT,... e.g. 8:144,16:13 (overrides layers/counts)")
+    p.add_argument("--stride", type=int, help="FEATHER grid stride (default: smallest s>=3 with "
+                   "|grid| <= budget/2; 0 disables the grid)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--max-text-tokens", type=int, default=512, help="prompt text bound")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation bound")
+    p.add_argument("--trt-plugin-only", action="store_true",
+                   help="drop the selection op's ONNX function body (TensorRT must load the plugin)")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+
+
+def _export_options(args):
+    from .export import ExportOptions
+
+    return ExportOptions(method=args.method, budget=args.budget, schedule=args.schedule,
+                         stride=args.stride, dtype=args.dtype, max_text_tokens=args.max_text_tokens,
+                         max_new_tokens=args.max_new_tokens, trt_plugin_only=args.trt_plugin_only)
+
+
+def cmd_make_tiny(args) -> int:
+    from .models import make_tiny
+
+    print(make_tiny(args.name, args.out))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    export(args.model, args.out, _export_options(args))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .export import export
+
+    if args.backend == "tensorrt":
+        _require_tensorrt()
+    out = export(args.model, args.out, _export_options(args))
+    if args.backend != "tensorrt":
+        print(f"built {out} for ONNX Runtime (no TensorRT engines: TensorRT is not installed; "
+              "use --backend tensorrt on a machine with TensorRT)")
+    return 0
+
+
+def _require_tensorrt() -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise FeatherError("--backend tensorrt needs TensorRT (pip install 'feather-export[trt]' on "
+                           "an NVIDIA machine, or JetPack on Jetson); it is not installed here") from None
+    raise FeatherError("TensorRT engine building is not implemented in this version; "
+                       "build with --backend onnxruntime")
+
+
+def cmd_run(args) -> int:
+    from feather_runtime import Pipeline
+
+    pipe = Pipeline.load(args.artifact, backend=args.backend)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    if args.json:
+        res = pipe.generate(image=args.image, prompt=args.prompt, **kwargs)
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids, "kept": res.kept,
+                          "timings": res.timings}))
+        return 0
+    for piece in pipe.stream(image=args.image, prompt=args.prompt, **kwargs):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .trt_lint import check_artifact, format_findings
+
+    findings = check_artifact(args.artifact)
+    print(format_findings(findings))
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def cmd_validate(args) -> int:
+    from .validate import validate_artifact
+
+    model = None
+    if args.model:
+        from .models import resolve_model
+        model, _ = resolve_model(args.model)
+    checks = validate_artifact(args.artifact, model=model,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} ok, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_reference(args) -> int:
+    from feather_runtime.preprocess import ImagePreprocessor, load_image
+    from feather_runtime.prompt import PromptBuilder
+
+    from .models import check_checkpoint_dir, load_checkpoint
+    from .reference import reference_generate
+
+    path = check_checkpoint_dir(args.model)
+    model = load_checkpoint(path)
+    pixels = ImagePreprocessor.from_dir(path)(load_image(args.image))
+    builder = PromptBuilder.from_dir(path)
+    ids = builder.build(args.prompt, model.config.image_seq_length)
+    res = reference_generate(model, pixels, ids, method=args.method, budget=args.budget,
+                             schedule=args.schedule, stride=args.stride,
+                             max_new_tokens=args.max_new_tokens)
+    print(json.dumps({"text": builder.decode(res.token_ids), "token_ids": res.token_ids,
+                      "kept": res.kept}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="feather-export", description=(
+        "Export LLaVA checkpoints into pruned ONNX segments (FEATHER, FastV, FasterVLM) and run them."))
+    parser.add_argument("--version", action="version", version=f"feather-export {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="export + engines for a fixed budget (the main job)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory or tiny model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    _prune_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("export", help="write the ONNX segments and manifest")
+    p.add_argument("--model", required=True, help="checkpoint directory or tiny model name")
+    _prune_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="answer a question about an image with a built artifact")
+    p.add_argument("artifact")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--backend", help="onnxruntime (default), onnxruntime-cpu, onnxruntime-cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="TensorRT 10.3 compatibility lint of an artifact")
+    p.add_argument("artifact")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("validate", help="each segment in ONNX Runtime vs the PyTorch modules")
+    p.add_argument("artifact")
+    p.add_argument("--model", help="the source checkpoint (default: the one in the manifest)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("make-tiny", help="write a tiny LLaVA checkpoint directory")
+    p.add_argument("name", help="tiny | tiny-gqa")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("reference", help="run the PyTorch reference on a checkpoint directory")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--method", default="feather")
+    p.add_argument("--budget", type=int)
+    p.add_argument("--schedule")
+    p.add_argument("--stride", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FeatherError as exc:
+        print(f"feather-export: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("feather-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
