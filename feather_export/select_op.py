@@ -7,7 +7,8 @@ Attributes: budget (B), num_image_tokens (N), grid_side, grid_stride (0 = no for
             criterion (informational), plugin_namespace / plugin_version (for TensorRT >= 10.7).
 
 Semantics (DESIGN §4): grid tokens are always kept; the rest of the budget goes to the top-scoring
-non-grid tokens, ties to the lower index (ONNX TopK's documented tie rule); the image rows of
+non-grid tokens, ties to the lower index (ONNX TopK's documented tie rule; NaN scores are
+outside the contract: the CUDA kernel ranks them last, ONNX TopK leaves them unspecified); the image rows of
 ``hidden`` are replaced by the kept rows in ascending order, text rows are untouched.
 """
 from __future__ import annotations
@@ -55,7 +56,9 @@ def select_function():
     on_col = op("Equal", [op("Mod", [op("Mod", [idx, side1], "col"), stride1], "col_m"), zero], "on_col")
     grid = op("And", [op("And", [on_row, on_col], "grid_raw"),
                       op("Greater", [stride, zero], "has_grid")], "grid")
-    ranked = op("Where", [grid, const("pos_inf", np.inf, np.float32), "scores"], "ranked")
+    # grid tokens rank first; finite scores only below them (a +inf score is clamped to FLT_MAX)
+    finite = op("Min", ["scores", const("flt_max", np.finfo(np.float32).max, np.float32)], "finite")
+    ranked = op("Where", [grid, const("pos_inf", np.inf, np.float32), finite], "ranked")
     nodes.append(helper.make_node("TopK", [ranked, budget_1d], ["top_values", "top"],
                                   axis=0, largest=1, sorted=1))
     top_f = op("Cast", ["top"], "top_f", to=1)

@@ -445,7 +445,7 @@ class _Linter:
             namespace = _attr(node, "plugin_namespace", b"").decode()
             add(f"custom op '{domain}::{op}' has no local function body, so TensorRT imports it as a plugin: a "
                 f"plugin creator named '{op}' (version '{version}', namespace '{namespace}') must be registered "
-                "when building the engine (e.g. trtexec --staticPlugins=lib.so)", WARNING)
+                "when building the engine (e.g. trtexec --dynamicPlugins=libfeather_plugin.so)", WARNING)
 
     def function_call(self, node, path: str, function: onnx.FunctionProto, scope: _Scope) -> None:
         key = (function.domain, function.name)
