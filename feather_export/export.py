@@ -67,7 +67,7 @@ def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
 def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,
            progress: Callable[[str], None] | None = None) -> Path:
     """Export ``model_spec`` (a tiny model name or a checkpoint directory) into ``out_dir``."""
-    from .models import geometry_of, resolve_model
+    from .models import geometry_of, load_config, resolve_model
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if options.dtype not in DTYPES:
@@ -76,11 +76,11 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
         raise FeatherError("--max-text-tokens and --max-new-tokens must be at least 1")
     out = Path(out_dir)
     _check_output_dir(out)
-    say(f"loading model {model_spec}")
-    model, source = resolve_model(model_spec)
-    geo = geometry_of(model.config)
+    geo = geometry_of(load_config(model_spec))          # refuse bad options before loading weights
     cfg = PruneConfig.create(options.method, geo, budget=options.budget,
                              schedule=options.schedule, stride=options.stride)
+    say(f"loading model {model_spec}")
+    model, source = resolve_model(model_spec)
     et = DTYPES[options.dtype]
     plan = plan_segments(geo.num_layers, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)

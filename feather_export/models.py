@@ -190,6 +190,19 @@ def load_checkpoint(path: str | os.PathLike):
     return model.eval()
 
 
+def load_config(spec: str | os.PathLike):
+    """The ``LlavaConfig`` of a tiny model name or a checkpoint directory, without any weights."""
+    from transformers import LlavaConfig
+
+    if str(spec) in TINY_MODELS:
+        return tiny_llava_config(str(spec))
+    path = check_checkpoint_dir(spec)
+    try:
+        return LlavaConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects is a bad checkpoint
+        raise FeatherError(f"could not read the config in {path}: {exc}") from None
+
+
 def resolve_model(spec: str | os.PathLike):
     """``spec`` is a tiny model name or a checkpoint directory; returns (model, source_dir|None)."""
     if str(spec) in TINY_MODELS:

@@ -1,0 +1,40 @@
+"""`pip install .` and `pip install -e .` both give feather_export, feather_runtime and the script."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _venv(path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    return path / "bin" / "python"
+
+
+def _origin(python: Path, module: str) -> str:
+    # find_spec on a top-level package locates it without executing it (no deps needed)
+    code = f"import importlib.util as u; print(u.find_spec({module!r}).origin)"
+    return subprocess.run([str(python), "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
+def test_install_modes(tmp_path, editable):
+    python = _venv(tmp_path / "venv")
+    args = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    args += ["-e", str(ROOT)] if editable else [str(ROOT)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0 and "setuptools" in proc.stderr and "No module" in proc.stderr:
+        pytest.skip("the fresh venv has no setuptools to build with: " + proc.stderr[-200:])
+    assert proc.returncode == 0, proc.stderr
+    runtime = _origin(python, "feather_runtime")
+    export = _origin(python, "feather_export")
+    if editable:
+        assert runtime == str(ROOT / "runtime" / "__init__.py")
+        assert export == str(ROOT / "feather_export" / "__init__.py")
+    else:
+        assert "site-packages" in runtime and runtime.endswith("feather_runtime/__init__.py")
+        assert "site-packages" in export
+    assert (tmp_path / "venv" / "bin" / "feather-export").is_file()
