@@ -112,6 +112,7 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FeatherError(f"{out} exists and is not empty; choose a new directory")
     model = build_tiny_model(name)
+    _quiet_transformers()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -177,10 +178,18 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _quiet_transformers() -> None:
+    """Our CLI shows its own progress; transformers' per-shard bars would interleave with it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_checkpoint(path: str | os.PathLike):
     """Load a local LLaVA checkpoint directory as an fp32 ``LlavaForConditionalGeneration``."""
     from transformers import LlavaForConditionalGeneration
 
+    _quiet_transformers()
     path = check_checkpoint_dir(path)
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype="float32")
