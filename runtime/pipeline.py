@@ -6,6 +6,8 @@ lock: a Pipeline can be shared between threads, one request runs at a time.
 """
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from .manifest import Manifest, load_manifest
 from .sampling import Sampler, SamplingConfig
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")       # SentencePiece byte-fallback pieces
 
 
 @dataclass
@@ -145,24 +148,31 @@ class Pipeline:
             t0 = time.perf_counter()
             logits, kept, next_pos = self._prefill(pixel_values, input_ids, start, timings)
             timings["ttft"] = time.perf_counter() - t0
-            tokens, text = [], ""
+            tokens, text, emitted = [], "", ""
             first_logits = logits
             t1 = time.perf_counter()
             stop = (stop,) if isinstance(stop, str) else tuple(stop)
             for step in range(max_new_tokens):
                 token = sampler(logits)
                 tokens.append(token)
+                last = token in self.eos_token_ids or step + 1 == max_new_tokens
                 if stream or decode_text or stop:
                     new_text = self.prompt_builder.decode(tokens)
                     cut = _stop_index(new_text, stop)
                     if cut is not None:
                         new_text = new_text[:cut]
-                    if stream and len(new_text) > len(text) and new_text.startswith(text):
-                        yield new_text[len(text):]
                     text = new_text
+                    if stream:
+                        # emit only text that later tokens cannot change, so the pieces add up to
+                        # generate().text; the rest comes with the last token
+                        ready = (text if cut is not None or last
+                                 else self._stable_text(tokens, text, stop))
+                        if len(ready) > len(emitted) and ready.startswith(emitted):
+                            yield ready[len(emitted):]
+                            emitted = ready
                     if cut is not None:
                         break
-                if token in self.eos_token_ids or step + 1 == max_new_tokens:
+                if last:
                     break
                 logits = self._decode_step(token, next_pos)
                 next_pos += 1
@@ -173,6 +183,20 @@ class Pipeline:
             yield Result(tokens, kept, timings, text, first_logits)
         finally:
             self._lock.release()
+
+    def _stable_text(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> str:
+        """The prefix of ``text`` that more tokens cannot change. Held back: the text of a trailing
+        run of byte-fallback tokens (decoded together: a lone byte can turn into replacement
+        characters once the next byte arrives), trailing U+FFFD and the start of a stop string."""
+        tokenizer = self.prompt_builder.tokenizer
+        k = len(tokens)
+        while k and _BYTE_TOKEN.fullmatch(tokenizer.id_to_token(tokens[k - 1]) or ""):
+            k -= 1
+        if k < len(tokens):
+            text = os.path.commonprefix([text, self.prompt_builder.decode(tokens[:k])])
+        text = text.rstrip("\ufffd")
+        hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return text[:len(text) - hold]
 
     def _check_inputs(self, pixel_values, input_ids, max_new_tokens):
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
