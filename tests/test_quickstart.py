@@ -1,0 +1,133 @@
+"""The README quickstart through the installed ``feather-export`` console script, in subprocesses.
+
+The commands are read from the README's Quickstart block, so the test follows the README. (A fresh
+virtual environment install of the same commands is CI's job, not this file's.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+FALLBACK_QUICKSTART = [
+    "feather-export build --out art",
+    'feather-export run art --image examples/shapes.png --prompt "Where is the red square?"',
+]
+
+
+def _cli() -> list[str]:
+    """The installed console script (PATH, or next to this interpreter), else ``python -m``."""
+    found = shutil.which("feather-export")
+    if found is None:
+        sibling = Path(sys.executable).with_name("feather-export")
+        found = str(sibling) if sibling.is_file() else None
+    return [found] if found else [sys.executable, "-m", "feather_export.cli"]
+
+
+def _feather(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*_cli(), *args], cwd=REPO, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=timeout)
+
+
+def _quickstart_commands() -> list[list[str]]:
+    """``feather-export ...`` lines of the first shell block after '## Quickstart' in README.md."""
+    if not README.is_file():
+        return [shlex.split(c) for c in FALLBACK_QUICKSTART]
+    text = README.read_text(encoding="utf-8")
+    assert "## Quickstart" in text, "README.md has no '## Quickstart' section"
+    section = text.split("## Quickstart", 1)[1]
+    block = section.split("```", 2)[1]          # the first fenced block of the section
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()[1:]
+                if line.strip().startswith("feather-export ")]
+    return commands
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """Runs the README's build command with the artifact directory moved under a tmp dir."""
+    commands = _quickstart_commands()
+    subcommands = [c[1] for c in commands]
+    assert subcommands[:2] == ["build", "run"], commands
+    build, run = commands[0], commands[1]
+    art_name = build[build.index("--out") + 1]
+    assert run[2] == art_name, "the run command must use the artifact the build command wrote"
+    art = tmp_path_factory.mktemp("quickstart") / art_name
+    build = [str(art) if a == art_name else a for a in build[1:]]
+    run = [str(art) if a == art_name else a for a in run[1:]]
+    proc = _feather(build)
+    return art, build, run, proc
+
+
+def test_quickstart_build(quickstart):
+    art, _, _, proc = quickstart
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "built" in proc.stdout and str(art) in proc.stdout
+    manifest = json.loads((art / "feather.json").read_text())
+    # the README promises the tiny default model with FEATHER at budget 144
+    assert manifest["model"]["id"] == "tiny"
+    assert manifest["prune"]["method"] == "feather"
+    assert manifest["prune"]["stages"][0]["keep"] == 144
+
+
+def test_quickstart_run_streams_an_answer(quickstart):
+    art, _, run, build_proc = quickstart
+    assert build_proc.returncode == 0, build_proc.stderr
+    proc = _feather(run)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    answer = proc.stdout.rstrip("\n")
+    assert answer, "the run command printed no answer"
+    # the streamed answer is the same text --json reports
+    proc_json = _feather([*run, "--json"])
+    assert proc_json.returncode == 0, proc_json.stderr
+    out = json.loads(proc_json.stdout)
+    assert set(out) >= {"text", "token_ids", "kept", "timings"}
+    assert out["text"] == answer
+    assert isinstance(out["token_ids"], list) and len(out["token_ids"]) == 64   # default bound
+    assert [len(k) for k in out["kept"]] == [144, 13]
+    assert {"vision", "ttft", "selection", "decode_tokens_per_s"} <= set(out["timings"])
+
+
+@pytest.mark.parametrize("case", ["missing-artifact", "garbage-image", "bad-max-new-tokens"])
+def test_cli_user_errors_are_one_line(quickstart, tmp_path, case):
+    art = quickstart[0]
+    image = "examples/shapes.png"
+    args = ["run", str(art), "--prompt", "Where is the red square?"]
+    if case == "missing-artifact":
+        args[1] = str(tmp_path / "no-such-artifact")
+        phrase = "does not exist"
+    elif case == "garbage-image":
+        image = tmp_path / "garbage.png"
+        image.write_bytes(os.urandom(100))
+        phrase = "cannot read image"
+    else:
+        args += ["--max-new-tokens", "100000"]
+        phrase = "max_new_tokens must be between"
+    proc = _feather([*args, "--image", str(image)])
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("feather-export: error:")
+    assert phrase in lines[0]
+
+
+def test_build_refuses_foreign_directory(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    proc = _feather(["build", "--out", str(out)])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("feather-export: error:") and "not a feather-export artifact" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
