@@ -48,6 +48,7 @@ class Pipeline:
         self.backend = backend
         self.runners = runners
         self._lock = threading.Lock()
+        self._owner: int | None = None
         model = manifest["model"]
         self.num_image_tokens = model["num_image_tokens"]
         self.image_token_id = model["image_token_id"]
@@ -142,7 +143,7 @@ class Pipeline:
                   top_p=1.0, seed=None, stop=(), stream=False, decode_text=False):
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
         pixel_values, input_ids, start = self._check_inputs(pixel_values, input_ids, max_new_tokens)
-        self._lock.acquire()      # one request at a time; others wait
+        self._acquire()
         try:
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
@@ -182,7 +183,16 @@ class Pipeline:
             timings["decode_tokens_per_s"] = steps / decode_time if steps and decode_time else 0.0
             yield Result(tokens, kept, timings, text, first_logits)
         finally:
+            self._owner = None
             self._lock.release()
+
+    def _acquire(self) -> None:
+        """One request at a time: other threads wait; the owning thread is refused (no deadlock)."""
+        if self._owner == threading.get_ident():
+            raise FeatherError("this thread still has an unfinished stream() on this Pipeline; "
+                               "consume or close() it before starting another request")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
 
     def _stable_text(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> str:
         """The prefix of ``text`` that more tokens cannot change. Held back: the text of a trailing

@@ -520,6 +520,18 @@ def test_concurrent_threads_get_reference_results(tiny_models, pipeline):
             assert res.kept == expected[i].kept
 
 
+def test_same_thread_reentry_is_refused_not_deadlocked(tiny_models, pipeline):
+    model = tiny_models["tiny"]
+    pipe = pipeline("tiny", "fastv")
+    pixels, ids = tiny_inputs(model, 0)
+    stream = pipe._generate(pixels, ids, 4, stream=True)
+    next(stream)                                            # holds the lock, half-read
+    with pytest.raises(FeatherError, match="unfinished stream"):
+        pipe.generate_ids(pixels, ids, 4)
+    stream.close()                                          # releases it
+    assert len(pipe.generate_ids(pixels, ids, 4).token_ids) == 4
+
+
 # ---- 9. the runtime stays torch/transformers-free -------------------------------------------
 
 HEAVY = ("torch", "transformers")
