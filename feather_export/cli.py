@@ -54,13 +54,36 @@ def cmd_export(args) -> int:
 def cmd_build(args) -> int:
     from .export import export
 
+    engine_flags = [f for f, v in (("--precision", args.precision), ("--plugin", args.plugin),
+                                   ("--timing-cache", args.timing_cache),
+                                   ("--workspace", args.workspace),
+                                   ("--reuse-engines", args.reuse_engines)) if v]
+    if args.backend != "tensorrt" and engine_flags:
+        raise FeatherError(f"{', '.join(engine_flags)} only apply to --backend tensorrt")
     if args.backend == "tensorrt":
         _require_tensorrt()
     out = export(args.model, args.out, _export_options(args))
-    if args.backend != "tensorrt":
+    if args.backend == "tensorrt":
+        _build_engines(out, args)
+    else:
         print(f"built {out} for ONNX Runtime (no TensorRT engines: TensorRT is not installed; "
               "use --backend tensorrt on a machine with TensorRT)")
     return 0
+
+
+def cmd_build_engines(args) -> int:
+    _require_tensorrt()
+    _build_engines(args.artifact, args)
+    return 0
+
+
+def _build_engines(artifact, args) -> None:
+    from .trt_build import build_engines
+
+    build_engines(artifact, args.precision, args.plugin, args.timing_cache,
+                  progress=lambda m: print(m, file=sys.stderr, flush=True),
+                  workspace_mib=args.workspace, reuse_from=args.reuse_engines or ())
+    print(f"built TensorRT engines in {artifact}/engines")
 
 
 def _require_tensorrt() -> None:
@@ -69,8 +92,17 @@ def _require_tensorrt() -> None:
     except ImportError:
         raise FeatherError("--backend tensorrt needs TensorRT (pip install 'feather-export[trt]' on "
                            "an NVIDIA machine, or JetPack on Jetson); it is not installed here") from None
-    raise FeatherError("TensorRT engine building is not implemented in this version; "
-                       "build with --backend onnxruntime")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="engine precision (default: the artifact's --dtype, strongly typed; fp16/bf16 "
+                        "on an fp32 artifact lets TensorRT pick reduced-precision tactics)")
+    p.add_argument("--plugin", help="libfeather_plugin.so (needed with --trt-plugin-only)")
+    p.add_argument("--timing-cache", help="tactic timing cache (default: OUT/engines/timing.cache)")
+    p.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
+    p.add_argument("--reuse-engines", action="append", metavar="ARTIFACT",
+                   help="reuse engines with the same key from another artifact (repeatable)")
 
 
 def cmd_run(args) -> int:
@@ -147,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"checkpoint directory or tiny model name (default: {DEFAULT_MODEL})")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     _prune_args(p)
+    _engine_args(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("build-engines", help="TensorRT engines for an existing artifact (build them "
+                       "on the device that runs them, e.g. a Jetson)")
+    p.add_argument("artifact")
+    _engine_args(p)
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("export", help="write the ONNX segments and manifest")
     p.add_argument("--model", required=True, help="checkpoint directory or tiny model name")
@@ -164,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--backend", help="onnxruntime (default), onnxruntime-cpu, onnxruntime-cuda")
+    p.add_argument("--backend", help="onnxruntime (default), onnxruntime-cpu, onnxruntime-cuda, "
+                   "tensorrt")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=cmd_run)
 

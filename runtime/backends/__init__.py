@@ -25,7 +25,8 @@ class Backend(Protocol):
 
 
 def get_backend(name: str | None = None) -> Backend:
-    """``onnxruntime`` (CPU, or CUDA when onnxruntime-gpu is installed); None picks what is installed."""
+    """``onnxruntime`` (CPU, or CUDA when onnxruntime-gpu is installed; None picks what is
+    installed) or ``tensorrt`` (the artifact's engines, see feather_export.trt_build)."""
     from .onnxruntime import OnnxRuntimeBackend
 
     if name in (None, "auto", "onnxruntime", "ort"):
@@ -35,7 +36,9 @@ def get_backend(name: str | None = None) -> Backend:
     if name in ("onnxruntime-cuda", "cuda"):
         return OnnxRuntimeBackend(device="cuda")
     if name == "tensorrt":
-        raise FeatherError("the TensorRT backend is not available in this build of feather_runtime; "
-                           "use --backend onnxruntime")
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend()     # engines from <artifact>/engines/engines.json; plugin via
+                                     # $FEATHER_PLUGIN_LIBRARY or the path recorded at build time
     raise FeatherError(f"unknown backend {name!r}; choose onnxruntime, onnxruntime-cpu, "
-                       "onnxruntime-cuda")
+                       "onnxruntime-cuda, tensorrt")
