@@ -45,6 +45,7 @@ class SegmentPlan:
     layers: tuple[int, int] | None = None
     stage: int | None = None
     score_layer: int | None = None
+    score_criterion: str | None = None
 
 
 def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
@@ -57,8 +58,10 @@ def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
     decoder_stages = [i for i, s in enumerate(cfg.stages) if s.criterion != "fastervlm"]
     for span, (a, b) in enumerate(zip(bounds, bounds[1:])):
         has_select = b != num_layers
+        criterion = cfg.stages[decoder_stages[span]].criterion if has_select else None
         plan.append(SegmentPlan(f"decoder_{a}_{b}", "decoder", (a, b),
-                                score_layer=b - 1 if has_select else None))
+                                score_layer=b - 1 if has_select else None,
+                                score_criterion=criterion))
         if has_select:
             plan.append(SegmentPlan(f"select_{b}", "select", stage=decoder_stages[span]))
     return plan
@@ -123,7 +126,8 @@ def _build(model, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, plugin
     if seg.kind == "decoder":
         a, b = seg.layers
         final = b == model.config.text_config.num_hidden_layers
-        return build_decoder_span(model, a, b, et, final=final, score_layer=seg.score_layer)
+        return build_decoder_span(model, a, b, et, final=final, score_layer=seg.score_layer,
+                                  score_criterion=seg.score_criterion)
     onnx_model = build_select(model, cfg.stages[seg.stage], side, et)
     if plugin_only:
         del onnx_model.functions[:]

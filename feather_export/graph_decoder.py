@@ -41,11 +41,12 @@ def build_embed(model, et: int):
 
 
 def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
-                       score_layer: int | None = None):
+                       score_layer: int | None = None, score_criterion: str | None = None):
     """Layers [start, end); ``final`` adds the norm and lm_head on the last position.
 
-    ``score_layer`` additionally outputs that layer's input (``layer_input.{i}``) for the next
-    ``select`` segment.
+    ``score_layer`` additionally outputs what the next ``select`` segment scores with, taken from
+    that layer's own attention: ``score_query.{i}`` (the last position's query) and, for FEATHER,
+    ``score_keys.{i}`` (keys before RoPE); FastV uses the RoPE'd query and ``present.{i}.key``.
     """
     lm = model.model.language_model
     cfg = lm.config
@@ -61,10 +62,9 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), et)
     mask = causal_mask(g, dim(g, hidden, 1), dim(g, pasts[0][0], 1))
     for i, (past_k, past_v) in zip(range(start, end), pasts):
-        if i == score_layer:
-            g.output(hidden, f"layer_input.{i}", et, [1, "seq", d])
+        score = score_criterion if i == score_layer else None
         hidden = _llama_layer(g, lm.layers[i], i, hidden, cos, sin, mask, past_k, past_v,
-                              (heads, kv_heads, head_dim), et)
+                              (heads, kv_heads, head_dim), et, score)
     if final:
         last = g.op("Slice", hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
         normed = rms_norm(g, last, lm.norm, "norm", et)
@@ -75,15 +75,19 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     return g.model()
 
 
-def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et):
+def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et, score=None):
     heads, kv_heads, head_dim = geometry
     attn, p = layer.self_attn, f"layers.{i}"
     x = rms_norm(g, hidden, layer.input_layernorm, f"{p}.input_layernorm", et)
     qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et)
     q, k, v = g.op("Split", qkv, g.const([heads * head_dim, kv_heads * head_dim,
                                           kv_heads * head_dim]), axis=-1, outputs=3)
-    q = heads_first(g, apply_rope(g, split_heads(g, q, heads, head_dim), cos, sin, head_dim))
-    k_new = apply_rope(g, split_heads(g, k, kv_heads, head_dim), cos, sin, head_dim)
+    q, k = split_heads(g, q, heads, head_dim), split_heads(g, k, kv_heads, head_dim)
+    q_rot = apply_rope(g, q, cos, sin, head_dim)
+    k_new = apply_rope(g, k, cos, sin, head_dim)
+    if score is not None:
+        _score_outputs(g, i, q if score == "feather" else q_rot, k, score, geometry, et)
+    q = heads_first(g, q_rot)
     v_new = split_heads(g, v, kv_heads, head_dim)
     # outputs are only the new rows: the runtime appends them to its preallocated cache
     g.output(k_new, f"present.{i}.key", et, [1, "seq", kv_heads, head_dim])
@@ -101,3 +105,11 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
     act = activation(g, gate, "silu", et)
     return g.op("Add", hidden, linear(g, g.op("Mul", act, up), mlp.down_proj, f"{p}.down_proj", et))
 
+
+def _score_outputs(g, i, q, k_pre_rope, criterion, geometry, et) -> None:
+    """The last position's query [1,1,H,hd]; FEATHER also needs the keys before RoPE."""
+    heads, kv_heads, head_dim = geometry
+    last = g.op("Slice", q, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
+    g.output(last, f"score_query.{i}", et, [1, 1, heads, head_dim])
+    if criterion == "feather":
+        g.output(k_pre_rope, f"score_keys.{i}", et, [1, "seq", kv_heads, head_dim])

@@ -1,7 +1,9 @@
 """The ``select_K`` segments: scoring in standard ops, then one ``feather::SelectTokens`` node.
 
-Decoder criteria (FEATHER, FastV) recompute layer K-1's ``input_layernorm``, ``q_proj`` (last
-position only) and ``k_proj`` from ``layer_input.{K-1}``; dot products and softmax run in fp32.
+Decoder criteria (FEATHER, FastV) score with what layer K-1 already computed, output by the span
+before: the last position's query and the keys (FEATHER: before RoPE, image rows gathered here;
+FastV: RoPE'd, the cached ``present.{K-1}.key``). Dot products and softmax run in fp32; no
+projection is recomputed and no weight is duplicated.
 FasterVLM (K = 0) selects image features with the vision segment's ``cls_scores``.
 """
 from __future__ import annotations
@@ -9,49 +11,41 @@ from __future__ import annotations
 import numpy as np
 
 from .config import Stage
-from .graph_decoder import attn_geometry, inv_freq
+from .graph_decoder import attn_geometry
 from .onnx_graph import GraphBuilder
-from .onnx_layers import (F32, apply_rope, attention_probs, dim, heads_first, linear, rms_norm,
-                          rope_tables, split_heads)
+from .onnx_layers import F32, attention_probs, heads_first
 from .select_op import select_function, select_node
 
 SELECT_OUTPUTS = ["kept", "pruned_hidden_states", "pruned_position_ids"]
 
 
+def score_input_names(stage: Stage) -> tuple[str, str]:
+    """The span outputs a select segment scores with: (query, keys)."""
+    src = stage.layer - 1
+    keys = f"score_keys.{src}" if stage.criterion == "feather" else f"present.{src}.key"
+    return f"score_query.{src}", keys
+
+
 def build_select(model, stage: Stage, side: int, et: int):
     if stage.criterion == "fastervlm":
         return _build_vision_select(model, stage, side, et)
-    lm = model.model.language_model
-    cfg = lm.config
+    cfg = model.model.language_model.config
     heads, kv_heads, head_dim = attn_geometry(cfg)
-    d, n, src = cfg.hidden_size, stage.num_in, stage.layer - 1
+    d, n = cfg.hidden_size, stage.num_in
     g = GraphBuilder(f"select_{stage.layer}")
-    layer_in = g.input(f"layer_input.{src}", et, [1, "seq", d])
+    query_name, keys_name = score_input_names(stage)
+    query = g.input(query_name, et, [1, 1, heads, head_dim])
+    keys = g.input(keys_name, et, [1, "seq", kv_heads, head_dim])
     hidden = g.input("hidden_states", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])
     start = g.input("image_start", 7, [])
-    layer = lm.layers[src]
-    p = f"layers.{src}"
-    x = rms_norm(g, layer_in, layer.input_layernorm, f"{p}.input_layernorm", et)
-    last = g.op("Slice", x, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
-    q = split_heads(g, linear(g, last, layer.self_attn.q_proj, f"{p}.q_proj", et), heads, head_dim)
     image_rows = g.op("Add", g.op("Range", g.const(0), g.const(n), g.const(1)), start)
     if stage.criterion == "feather":            # no rotary embedding, keys = current image tokens
-        keys = g.op("Gather", x, image_rows, axis=1)
-        k = split_heads(g, linear(g, keys, layer.self_attn.k_proj, f"{p}.k_proj", et),
-                        kv_heads, head_dim)
-    else:                                       # fastv: RoPE, keys = the whole causal row
-        k = split_heads(g, linear(g, x, layer.self_attn.k_proj, f"{p}.k_proj", et), kv_heads, head_dim)
-        cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), F32)
-        last_pos = g.op("Sub", dim(g, positions, 1), g.const(1))
-        cos_q, sin_q = (g.op("Unsqueeze", g.op("Gather", t, last_pos, axis=1), g.const([1]))
-                        for t in (cos, sin))
-        q = apply_rope(g, g.op("Cast", q, to=F32), cos_q, sin_q, head_dim)
-        k = apply_rope(g, g.op("Cast", k, to=F32), cos, sin, head_dim)
-    q, k = heads_first(g, g.op("Cast", q, to=F32)), heads_first(g, g.op("Cast", k, to=F32))
+        keys = g.op("Gather", keys, image_rows, axis=1)
+    q, k = (heads_first(g, g.op("Cast", t, to=F32)) for t in (query, keys))
     probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, None)  # [1,kvh,g,1,T]
     scores = g.op("Reshape", g.op("ReduceMean", probs, axes=[0, 1, 2, 3], keepdims=0), g.const([-1]))
-    if stage.criterion == "fastv":
+    if stage.criterion == "fastv":              # RoPE'd keys of the whole causal row: image columns
         scores = g.op("Gather", scores, image_rows, axis=0)
     scores = g.op("Identity", scores, outputs=["scores"])
     outs = [f"{name}_sel" for name in SELECT_OUTPUTS]

@@ -38,17 +38,34 @@ def feather_scores(layer, hidden_in, image_start: int, num_image: int):
     return _mean_head_probs(q, k[:, image_start:image_start + num_image], groups)
 
 
-def fastv_scores(layer, rotary, hidden_in, position_ids, image_start: int, num_image: int):
-    """FastV: last-token attention with RoPE over all keys of its causal row, image columns."""
+def _rope(rotary, hidden_in, position_ids, q, k):
+    """RoPE on the last position's query and on every key, as the layer applies it."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    q, k, groups = _qk(layer, hidden_in)
     cos, sin = rotary(hidden_in.float(), position_ids)         # [1, S, hd]
     cos, sin = cos[0], sin[0]                                  # [S, hd], broadcast over heads
     q, _ = apply_rotary_pos_emb(q, q, cos[-1:], sin[-1:], unsqueeze_dim=0)
     _, k = apply_rotary_pos_emb(k, k, cos, sin, unsqueeze_dim=0)
+    return q, k
+
+
+def fastv_scores(layer, rotary, hidden_in, position_ids, image_start: int, num_image: int):
+    """FastV: last-token attention with RoPE over all keys of its causal row, image columns."""
+    q, k, groups = _qk(layer, hidden_in)
+    q, k = _rope(rotary, hidden_in, position_ids, q, k)
     probs = _mean_head_probs(q, k, groups)
     return probs[image_start:image_start + num_image]
+
+
+def score_inputs(layer, rotary, hidden_in, position_ids, criterion: str):
+    """What an exported span hands its select segment, in the segment layout.
+
+    Returns (query [1, 1, H, hd], keys [1, S, Hkv, hd]): FEATHER without RoPE, FastV with it.
+    """
+    q, k, _ = _qk(layer, hidden_in)
+    if criterion == "fastv":
+        q, k = _rope(rotary, hidden_in, position_ids, q, k)
+    return q.transpose(0, 1)[None], k.transpose(0, 1)[None]
 
 
 def cls_attention_scores(clip_layer, hidden_in):

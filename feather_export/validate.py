@@ -2,7 +2,8 @@
 
 Inputs are random, at sequence/past lengths the segments were never built around (the exporter
 traces nothing, so any length is new): sequence 7 with past 5 for decoder spans, a 13-token prompt
-for embed, a 9-token text tail around the image block for selections.
+for embed, a 9-token text tail around the image block for selections (whose score query/keys come
+from the PyTorch layer on a random layer input, so the scores are checked end to end).
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
     import torch
     from transformers import DynamicCache
 
-    from .reference import run_layer, lm_logits
+    from .reference import lm_logits, run_layer
+    from .scoring import score_inputs
 
     m = manifest["model"]
     lm = model.model.language_model
@@ -137,9 +139,14 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
     mask = torch.full((seq, past + seq), torch.finfo(torch.float32).min).triu(past + 1)[None, None]
     h, pos = torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(positions)
     expected = {}
+    outputs = {o["name"] for o in seg.outputs}
     for i in range(a, b):
-        if f"layer_input.{i}" in {o["name"] for o in seg.outputs}:
-            expected[f"layer_input.{i}"] = h.numpy().copy()
+        if f"score_query.{i}" in outputs:
+            criterion = "feather" if f"score_keys.{i}" in outputs else "fastv"
+            query, keys = score_inputs(lm.layers[i], lm.rotary_emb, h, pos, criterion)
+            expected[f"score_query.{i}"] = query.numpy()
+            if criterion == "feather":
+                expected[f"score_keys.{i}"] = keys.numpy()
         h = run_layer(lm.layers[i], lm.rotary_emb, h, pos, cache, mask)
         expected[f"present.{i}.key"] = cache.layers[i].keys[:, :, past:].transpose(1, 2).numpy()
         expected[f"present.{i}.value"] = cache.layers[i].values[:, :, past:].transpose(1, 2).numpy()
@@ -154,8 +161,9 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     import torch
 
     from .config import Stage
+    from .graph_select import score_input_names
     from .reference import gather_sequence, select_stage
-    from .scoring import fastv_scores, feather_scores
+    from .scoring import fastv_scores, feather_scores, score_inputs
 
     m = manifest["model"]
     stage = Stage(**manifest["prune"]["stages"][seg.stage])
@@ -178,8 +186,11 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     else:
         scores = fastv_scores(prev, lm.rotary_emb, x, pos, start, n)
     kept = select_stage(stage, scores, m["grid_side"])
-    feeds = {f"layer_input.{stage.layer - 1}": layer_input, "hidden_states": hidden,
-             "position_ids": positions, "image_start": np.asarray(start, np.int64)}
+    query, keys = score_inputs(prev, lm.rotary_emb, x, pos, stage.criterion)
+    query_name, keys_name = score_input_names(stage)
+    feeds = {query_name: query.numpy().astype(np_dtype), keys_name: keys.numpy().astype(np_dtype),
+             "hidden_states": hidden, "position_ids": positions,
+             "image_start": np.asarray(start, np.int64)}
     return feeds, {"scores": scores.numpy(), "kept": kept,
                    "pruned_hidden_states": gather_sequence(torch.from_numpy(hidden), start, n,
                                                             kept).numpy(),

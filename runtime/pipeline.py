@@ -40,6 +40,7 @@ class _Step:
     span: str
     cache: SpanCache
     select: str | None
+    passed: tuple[str, ...] = ()      # span outputs the select segment takes (scores, hidden)
 
 
 class Pipeline:
@@ -85,7 +86,9 @@ class Pipeline:
             select = nxt.name if nxt is not None and nxt.kind == "select" else None
             cache = SpanCache(range(*seg.layers), limit + num_image, m["num_key_value_heads"],
                               m["head_dim"], self.dtype)
-            steps.append(_Step(seg.name, cache, select))
+            passed = tuple(i["name"] for i in nxt.inputs
+                           if i["name"] not in ("position_ids", "image_start")) if select else ()
+            steps.append(_Step(seg.name, cache, select, passed))
             if select is not None:
                 num_image = self.stages[nxt.stage]["keep"]
         return steps
@@ -257,9 +260,7 @@ class Pipeline:
             if step.select is None:
                 logits = out["logits"]
                 continue
-            score_input = layer_input_name(out)
-            sel = self._run(step.select, {score_input: out[score_input],
-                                          "hidden_states": out["hidden_states"],
+            sel = self._run(step.select, {**{name: out[name] for name in step.passed},
                                           "position_ids": positions,
                                           "image_start": np.asarray(start, np.int64)}, timings)
             hidden, positions = sel["pruned_hidden_states"], sel["pruned_position_ids"]
@@ -278,9 +279,6 @@ class Pipeline:
             hidden = out.get("hidden_states")
         return out["logits"].reshape(-1)
 
-
-def layer_input_name(outputs: dict) -> str:
-    return next(k for k in outputs if k.startswith("layer_input."))
 
 
 def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:

@@ -71,7 +71,7 @@ def test_feather_profiles(artifacts):
     # selection: prefill only, sequence = text + the tokens entering the stage; image_start static
     assert [p.role for p in plans["select_1"].profiles] == [PREFILL]
     assert _ranges(plans["select_1"], PREFILL) == {
-        "layer_input.0": ((1, N, 64), (1, N + 32, 64), (1, N + T, 64)),
+        "score_keys.0": ((1, N, 4, 16), (1, N + 32, 4, 16), (1, N + T, 4, 16)),
         "hidden_states": ((1, N, 64), (1, N + 32, 64), (1, N + T, 64)),
         "position_ids": ((1, N), (1, N + 32), (1, N + T))}
     assert _ranges(plans["select_2"], PREFILL)["hidden_states"][0] == (1, 144, 64)
