@@ -5,8 +5,9 @@ The prefill runs the same segments as an exported artifact (vision up to the fea
 embed + merge, decoder spans, selection between them) with transformers' own modules, each timed
 as wall time with a device synchronisation at its end, like the runtime's per-segment timings.
 Selection follows DESIGN §4 (FEATHER: last-token query vs image keys without RoPE; FastV: with
-RoPE over the causal row; FasterVLM: CLS attention in the feature layer), TopK on the device
-(ties are not forced to the lower index: timing only). Decode uses transformers' DynamicCache
+RoPE over the causal row; FasterVLM: CLS attention in the feature layer) from the query and keys
+layer K-1 computed in the span (forward hooks, as the exported spans output them), TopK on the
+device (ties are not forced to the lower index: timing only). Decode uses transformers' DynamicCache
 (which grows by concatenation: its copy cost shows in the decode-scaling check).
 Samples have the format of feather_export.bench, so the report, table and plots are shared.
 """
@@ -65,22 +66,21 @@ class TorchSegments:
             scores = probs.mean(0)[0, 1:]
         return features, scores
 
-    def _scores(self, stage, layer, layer_in, positions, start, num_image):
-        """Last-token attention of layer ``layer`` (its input ``layer_in``), fp32 softmax."""
+    def _scores(self, stage, stash, positions, start, num_image):
+        """Last-token attention from the query and keys layer K-1 computed in the span (captured by
+        hooks on its q_proj/k_proj: nothing is recomputed), fp32 softmax, mean over heads."""
         torch = self.torch
-        attn = layer.self_attn
-        cfg = attn.config
+        cfg = self.lm.config
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        x = layer.input_layernorm(layer_in)[0]
-        q = attn.q_proj(x[-1:]).reshape(1, heads, -1).transpose(0, 1)            # [H, 1, hd]
-        if stage.criterion == "feather":
-            k = attn.k_proj(x[start:start + num_image])
-            k = k.reshape(num_image, kv_heads, -1).transpose(0, 1)
-        else:
+        q = stash["q"][0, -1:].reshape(1, heads, -1).transpose(0, 1)             # [H, 1, hd]
+        k_all = stash["k"][0]
+        if stage.criterion == "feather":                 # before RoPE, image keys only
+            k = k_all[start:start + num_image].reshape(num_image, kv_heads, -1).transpose(0, 1)
+        else:                                            # FastV: RoPE, the whole causal row
             from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-            k = attn.k_proj(x).reshape(x.shape[0], kv_heads, -1).transpose(0, 1)
-            cos, sin = self.lm.rotary_emb(layer_in, positions)
+            k = k_all.reshape(k_all.shape[0], kv_heads, -1).transpose(0, 1)
+            cos, sin = self.lm.rotary_emb(k_all, positions)
             q, _ = apply_rotary_pos_emb(q, q, cos[0, -1:], sin[0, -1:], unsqueeze_dim=0)
             _, k = apply_rotary_pos_emb(k, k, cos[0], sin[0], unsqueeze_dim=0)
         k = torch.repeat_interleave(k, heads // kv_heads, dim=0)
@@ -130,7 +130,7 @@ class TorchSegments:
             cache = DynamicCache()
             num_image, hidden, positions = n, None, None
             features = None
-            layer_in = None
+            stash: dict = {}
             for seg in plan:
                 if seg.kind == "vision":
                     features, cls = self._timed(timings, "vision", self._vision,
@@ -151,20 +151,22 @@ class TorchSegments:
                     a, b = seg.layers
 
                     def span(a=a, b=b, score=seg.score_layer):
-                        nonlocal layer_in
-                        h = hidden
-                        if score is not None:
-                            h = self._span(a, score, h, positions, cache)
-                            layer_in = h
-                            return self._span(score, b, h, positions, cache)
-                        return self._span(a, b, h, positions, cache)
+                        if score is None:
+                            return self._span(a, b, hidden, positions, cache)
+                        attn = self.lm.layers[score].self_attn
+                        hooks = [attn.q_proj.register_forward_hook(_stash_into(stash, "q")),
+                                 attn.k_proj.register_forward_hook(_stash_into(stash, "k"))]
+                        try:
+                            return self._span(a, b, hidden, positions, cache)
+                        finally:
+                            for hook in hooks:
+                                hook.remove()
                     hidden = self._timed(timings, seg.name, span)
                 else:
                     st = stages[seg.stage]
-                    layer = self.lm.layers[st.layer - 1]
 
-                    def select(st=st, layer=layer):
-                        scores = self._scores(st, layer, layer_in, positions, start, num_image)
+                    def select(st=st):
+                        scores = self._scores(st, stash, positions, start, num_image)
                         kept = self._keep(st, scores, side)
                         return (self._gather(hidden, start, num_image, kept),
                                 self._gather(positions, start, num_image, kept))
@@ -193,6 +195,12 @@ class TorchSegments:
             timings["decode_tokens_per_s"] = (len(steps) / timings["decode"]
                                               if steps and timings["decode"] else 0.0)
         return timings, steps, tokens
+
+
+def _stash_into(stash: dict, key: str):
+    def hook(module, inputs, output):
+        stash[key] = output
+    return hook
 
 
 def _takes_causal_mask(layer) -> bool:

@@ -131,9 +131,10 @@ def embed_cost(llm: LlmGeometry, seq: int, elem: int) -> Cost:
 
 
 def span_cost(llm: LlmGeometry, layers: int, n: int, past: int, final: bool, elem: int,
-              score_output: bool = False) -> Cost:
+              score_criterion: str | None = None) -> Cost:
     """``layers`` decoder layers on n new tokens over ``past`` cached ones (+ norm and lm_head on
-    the last position when ``final``)."""
+    the last position when ``final``). A span before a prune point also outputs the scoring
+    inputs of its last layer: the last query, and for FEATHER the keys before RoPE."""
     d = llm.hidden
     flops = layers * decoder_layer_flops(n, d, llm.intermediate, past, llm.q_dim, llm.kv_dim)
     weights = layers * llm.layer_params()
@@ -145,24 +146,24 @@ def span_cost(llm: LlmGeometry, layers: int, n: int, past: int, final: bool, ele
         act += llm.vocab * 4
     else:
         act += n * d * elem
-    if score_output:
-        act += n * d * elem
+    if score_criterion is not None:
+        act += llm.q_dim * elem + (n * llm.kv_dim * elem if score_criterion == "feather" else 0)
     return Cost(float(flops), float(weights * elem + kv + act))
 
 
 def select_cost(llm: LlmGeometry, criterion: str, seq: int, num_in: int, keep: int,
                 elem: int) -> Cost:
-    """A ``select_K`` segment: scoring (q of the last position, k of the scored keys, dot products)
-    plus the gather. FEATHER scores the ``num_in`` image keys; FastV the whole causal row."""
+    """A ``select_K`` segment: last-query x key dot products (the query and keys come from the
+    span before, so no projection is recomputed), softmax, TopK and the gather. FEATHER scores
+    the ``num_in`` image keys; FastV the whole causal row (its cached keys)."""
     d = llm.hidden
     out_seq = seq - num_in + keep
     if criterion == "fastervlm":                                       # select_0: gather only
         return Cost(0.0, float((num_in + keep) * d * elem + num_in * 4))
     keys = num_in if criterion == "feather" else seq
-    flops = 2 * d * llm.q_dim + 2 * keys * d * llm.kv_dim + 2 * keys * llm.q_dim
-    weights = d * llm.q_dim + d * llm.kv_dim + d
-    act = 2 * seq * d * elem + out_seq * d * elem + seq * 8
-    return Cost(float(flops), float(weights * elem + act))
+    flops = 2 * keys * llm.q_dim
+    act = (llm.q_dim + keys * llm.kv_dim) * elem + seq * d * elem + out_seq * d * elem + seq * 8
+    return Cost(float(flops), float(act))
 
 
 # ---- segment plans -------------------------------------------------------------------------------
@@ -174,6 +175,13 @@ class SegmentCost:
     cost: Cost
     tokens: int = 0            # tokens entering the segment (decoder: new tokens)
     past: int = 0
+
+
+def _score_criterion(seg, stages) -> str | None:
+    """The criterion of the select segment after a span (None for the last span)."""
+    if seg.score_layer is None:
+        return None
+    return next(s.criterion for s in stages if s.layer == seg.layers[1])
 
 
 def _stages(prune) -> list:
@@ -202,7 +210,8 @@ def prefill_costs(shape: ModelShape, prune, text_tokens: int, dtype: str) -> lis
             a, b = seg.layers
             out.append(SegmentCost(seg.name, "decoder",
                                    span_cost(llm, b - a, seq, 0, b == llm.layers, elem,
-                                             score_output=seg.score_layer is not None), seq))
+                                             score_criterion=_score_criterion(seg, stages)),
+                                   seq))
         else:
             st = stages[seg.stage]
             scored = n_img if st.criterion == "fastervlm" else seq
@@ -236,7 +245,7 @@ def decode_costs(shape: ModelShape, prune, cache_len: int, dtype: str) -> list[S
         past = cache_len - dropped
         out.append(SegmentCost(seg.name, "decoder",
                                span_cost(llm, b - a, 1, past, b == llm.layers, elem,
-                                         score_output=seg.score_layer is not None), 1, past))
+                                         score_criterion=_score_criterion(seg, stages)), 1, past))
     return out
 
 
