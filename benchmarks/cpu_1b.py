@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gen-lengths", default="1,8,16")
+    p.add_argument("--cache-sweep", default="150,600,1200,2400",
+                   help="decode-step probe lengths passed to bench ('' to skip)")
     p.add_argument("--work", default="/tmp/feather-bench-1b", help="where artifacts are built")
     p.add_argument("--results", default=str(REPO / "benchmarks/results/cpu_1b"))
     p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: ORT's choice)")
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
                       "--warmup", str(args.warmup), "--gen-lengths", args.gen_lengths,
                       "--json", str(results / "bench.json"), "--plot", str(results),
                       "--no-verify"] + (["--threads", str(args.threads)] if args.threads else [])
+        if args.cache_sweep:
+            bench_argv += ["--cache-sweep", args.cache_sweep]
         for entry in args.ort_config:
             bench_argv += ["--ort-config", entry]
         parser = argparse.ArgumentParser(prog="feather-export")

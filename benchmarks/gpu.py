@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """GPU benchmark: real LLaVA-1.5 geometry (random weights), pruned vs none, next to the roofline.
 
-Uses what the machine has, in this order:
-  1. ONNX Runtime with the CUDA provider (onnxruntime-gpu): exports fp16 artifacts of the shape
-     model and runs `feather-export bench --backend onnxruntime-cuda` on them (interleaved);
-  2. otherwise torch eager segments on CUDA (benchmarks/gpu_torch.py), same report format.
-TensorRT engines are not built by this version of feather-export (see the README), so there is
-no TensorRT path yet; when `build --backend tensorrt` lands, add it here as option 0.
+Uses what the machine has, in this order (--engine picks one):
+  1. trt: TensorRT (importable): exports fp16 artifacts of the shape model, builds their engines
+     (feather_export.trt_build, one timing cache shared by the artifacts) and runs
+     `feather-export bench --backend tensorrt` on them (interleaved);
+  2. ort: ONNX Runtime with the CUDA provider (onnxruntime-gpu): the same artifacts,
+     `feather-export bench --backend onnxruntime-cuda`;
+  3. torch: torch eager segments on CUDA (benchmarks/gpu_torch.py), same report format.
 
     python benchmarks/gpu.py                                   # 7B geometry, none vs FEATHER@144
     python benchmarks/gpu.py --engine torch --methods feather,fastv,fastervlm
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gen-lengths", default="1,16,128,512")
-    p.add_argument("--engine", default="auto", choices=["auto", "ort", "torch"])
+    p.add_argument("--engine", default="auto", choices=["auto", "trt", "ort", "torch"])
+    p.add_argument("--plugin", help="trt: libfeather_plugin.so (default: the ONNX function body)")
     p.add_argument("--device", help="roofline device key (default: detected from nvidia-smi)")
     p.add_argument("--torch-device", default="cuda", help="torch path: cuda (cpu: smoke test)")
     p.add_argument("--work", default="/tmp/feather-bench-gpu", help="ORT path: artifact dir")
@@ -58,6 +60,11 @@ def say(msg: str) -> None:
 def pick_engine(requested: str) -> str:
     if requested != "auto":
         return requested
+    try:
+        import tensorrt  # noqa: F401
+        return "trt"
+    except ImportError:
+        pass
     try:
         import onnxruntime as ort
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -75,8 +82,8 @@ def main(argv=None) -> int:
     say(f"engine: {engine}")
     t0 = time.perf_counter()
     try:
-        if engine == "ort":
-            report, results = run_ort(args)
+        if engine in ("ort", "trt"):
+            report, results = run_artifacts(args, engine)
         else:
             report, results = run_torch(args)
     except FeatherError as exc:
@@ -103,7 +110,8 @@ def _results_dir(args, engine: str, device_key: str) -> Path:
 
 # ---- ONNX Runtime CUDA -----------------------------------------------------------------------------
 
-def run_ort(args):
+def run_artifacts(args, engine: str):
+    """Export the artifacts, build engines for TensorRT, bench them with the engine's backend."""
     from feather_export.bench import gpu_names
     from feather_export.cli_bench import add_bench_parser
     from feather_export.export import ExportOptions, export
@@ -122,7 +130,8 @@ def run_ort(args):
                                                         max_new_tokens=max_gen))
              for m in methods]
     if args.model in SHAPE_MODELS:
-        need = _params_b(args.model) * (2 if args.dtype != "fp32" else 4) * len(jobs)
+        need = (_params_b(args.model) * (2 if args.dtype != "fp32" else 4) * len(jobs)
+                * (2 if engine == "trt" else 1))             # TensorRT plans hold the weights too
         free = shutil.disk_usage(work).free / GIB
         if free < need * 1.1 + 2:
             raise FeatherError(f"{work}: {free:.0f} GiB free, the artifacts need ~{need:.0f} GiB; "
@@ -131,10 +140,18 @@ def run_ort(args):
     else:
         paths = [export(args.model, out, opts, progress=say) for out, opts in jobs]
     gc.collect()
+    if engine == "trt":
+        from feather_export.trt_build import build_engines
+
+        cache = work / "timing.cache"
+        for path in paths:
+            say(f"building TensorRT engines for {path}")
+            build_engines(path, None, args.plugin, cache, progress=say)
     device_key = args.device or next(
         (d.key for d in map(device_for_gpu_name, gpu_names()) if d is not None), "gpu")
-    results = _results_dir(args, "ort", device_key)
-    bench_argv = ["bench", *map(str, paths), "--backend", "onnxruntime-cuda",
+    results = _results_dir(args, engine, device_key)
+    backend = "tensorrt" if engine == "trt" else "onnxruntime-cuda"
+    bench_argv = ["bench", *map(str, paths), "--backend", backend,
                   "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                   "--gen-lengths", args.gen_lengths, "--json", str(results / "bench.json"),
                   "--plot", str(results), "--no-verify"]

@@ -46,6 +46,7 @@ class BenchOptions:
     quick_microbench: bool = False
     threads: int | None = None         # ONNX Runtime intra-op threads (default: ORT's choice)
     ort_config: tuple[tuple[str, str], ...] = ()   # session config entries, e.g. allow_spinning
+    cache_sweep: tuple[int, ...] = ()  # decode-step probe at these cache lengths (synthetic past)
 
     def __post_init__(self):
         if self.repeats < 1:
@@ -58,14 +59,15 @@ class BenchOptions:
             raise FeatherError(f"--gen-lengths must be positive integers, got {self.gen_lengths}")
 
 
-def parse_gen_lengths(text: str) -> tuple[int, ...]:
+def parse_gen_lengths(text: str, flag: str = "--gen-lengths") -> tuple[int, ...]:
+    """A sorted, de-duplicated tuple of positive integers from "1,16,64"."""
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:
-        raise FeatherError(f"--gen-lengths {text!r} is not a comma-separated list of integers, "
+        raise FeatherError(f"{flag} {text!r} is not a comma-separated list of integers, "
                            "e.g. 1,16,64") from None
     if not values or values[0] < 1:
-        raise FeatherError(f"--gen-lengths {text!r}: give positive integers, e.g. 1,16,64")
+        raise FeatherError(f"{flag} {text!r}: give positive integers, e.g. 1,16,64")
     return values
 
 
@@ -235,6 +237,8 @@ class ConfiguredOrtBackend:
     to measure runtime knobs such as ``session.intra_op.allow_spinning=0``."""
 
     def __init__(self, base, entries):
+        if not hasattr(base, "providers"):
+            raise FeatherError(f"--ort-config applies to the ONNX Runtime backends, not {base.name}")
         self.base, self.entries = base, tuple(entries)
         self.name, self.providers, self.threads = base.name, base.providers, base.threads
 
@@ -360,8 +364,14 @@ def run_bench(paths, options: BenchOptions, progress: Callable[[str], None] | No
                 f"{res.timings.get('selection', 0.0) * 1e3:7.1f} ms  decode {tps:7.2f} tok/s"
                 + ("" if len(res.token_ids) == max_gen else
                    f"  (stopped at EOS after {len(res.token_ids)} tokens)"))
+    sweeps = {}
+    if options.cache_sweep:
+        for t, pipe in zip(targets, pipes):
+            say(f"decode cache sweep of {t.label} at {', '.join(map(str, options.cache_sweep))}")
+            sweeps[t.label] = cache_sweep(pipe, options.cache_sweep, repeats=3)
     del pipes
-    return build_report(targets, samples, device, machine, options, prompt_len, backend.name)
+    return build_report(targets, samples, device, machine, options, prompt_len, backend.name,
+                        sweeps=sweeps)
 
 
 def _loadavg() -> float | None:
@@ -375,6 +385,76 @@ def _cpu_seconds() -> float:
     """CPU time of this process (all threads): against wall time x threads it shows contention."""
     t = os.times()
     return t.user + t.system
+
+
+def cache_sweep(pipe, lengths, repeats: int = 3) -> dict:
+    """Time one decode step (S = 1) of every decoder span against a synthetic past of each length
+    (zeros; the graphs' cost does not depend on the values). Returns seconds per span and length
+    (median of ``repeats``), to compare with the attention term over a wide range of lengths."""
+    from feather_runtime.pipeline import NUMPY_DTYPES
+
+    dtype = NUMPY_DTYPES[pipe.manifest["dtype"]]
+    hidden = pipe.manifest["model"]["hidden_size"]
+    out: dict = {"lengths": list(lengths), "spans": {}}
+    for seg in pipe.manifest.segments:
+        if seg.kind != "decoder":
+            continue
+        runner = getattr(pipe.runners[seg.name], "runner", pipe.runners[seg.name])
+        times = []
+        for length in lengths:
+            feeds = {"inputs_embeds": np.zeros((1, 1, hidden), dtype),
+                     "position_ids": np.asarray([[length]], np.int64)}
+            for spec in seg.inputs:
+                if spec["name"].startswith("past_key_values."):
+                    kv_heads, head_dim = spec["shape"][2], spec["shape"][3]
+                    feeds[spec["name"]] = np.zeros((1, length, kv_heads, head_dim), dtype)
+            runner.run(feeds)                                     # warm this shape
+            samples = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                runner.run(feeds)
+                samples.append(time.perf_counter() - t)
+            times.append(float(np.median(samples)))
+        out["spans"][seg.name] = {"layers": list(seg.layers), "seconds": times}
+    return out
+
+
+def summarize_sweep(target: Target, sweep: dict, device) -> dict:
+    """Measured vs predicted decode-step time per cache length (all spans at that length)."""
+    from .perf_model import span_cost, roofline_seconds
+
+    llm = target.shape.llm
+    lengths = sweep["lengths"]
+    measured = [sum(s["seconds"][i] for s in sweep["spans"].values())
+                for i in range(len(lengths))]
+    predicted = []
+    for length in lengths:
+        total_s = 0.0
+        for s in sweep["spans"].values():
+            a, b = s["layers"]
+            total_s += roofline_seconds(span_cost(llm, b - a, 1, length, b == llm.layers,
+                                                  _elem(target.dtype)), device, target.dtype)
+        predicted.append(total_s)
+    out = {"lengths": lengths, "measured_s": measured, "predicted_s": predicted}
+    if len(lengths) >= 2:
+        fit = _fit_line(lengths, measured) if len(lengths) >= 3 else None
+        slope = fit[0] if fit else (measured[-1] - measured[0]) / (lengths[-1] - lengths[0])
+        pred = (predicted[-1] - predicted[0]) / (lengths[-1] - lengths[0])
+        ratio = slope / pred if pred > 0 else None
+        out.update(slope_s_per_token=slope, predicted_slope_s_per_token=pred,
+                   slope_over_attention_term=ratio,
+                   ok=bool(ratio is not None and ratio <= 2.0),
+                   verdict=("ok: cost per cached token within 2x of the attention term"
+                            if ratio is not None and ratio <= 2.0 else
+                            f"each cached token costs {ratio:.0f}x what the attention term "
+                            "(K/V read once) predicts: the step does slow down with the cache "
+                            "beyond attention"))
+    return out
+
+
+def _elem(dtype: str) -> int:
+    from .perf_model import ELEMENT_BYTES
+    return ELEMENT_BYTES[dtype]
 
 
 # ---- statistics and the model --------------------------------------------------------------------
@@ -636,8 +716,18 @@ def _headline(targets, rows, per_target, ref) -> dict:
 
 
 def build_report(targets, samples, device, machine, options: BenchOptions, prompt_len: int,
-                 backend_name: str, command: list[str] | None = None) -> dict:
+                 backend_name: str, command: list[str] | None = None,
+                 sweeps: dict | None = None) -> dict:
     summary = summarize(targets, samples, device, prompt_len, options.gen_lengths)
+    for t in targets:
+        if sweeps and t.label in sweeps:
+            sw = summarize_sweep(t, sweeps[t.label], device)
+            sw["spans"] = sweeps[t.label]["spans"]
+            summary["per_target"][t.label]["cache_sweep"] = sw
+            for r in summary["headline"]["results"]:
+                if r["target"] == t.label and sw.get("ok") is not None:
+                    r["decode_cache_cost_over_attention_term"] = sw["slope_over_attention_term"]
+                    r["decode_scaling_ok"] = bool(r.get("decode_scaling_ok") and sw["ok"])
     t0 = targets[0]
     return {
         "schema": SCHEMA,
@@ -649,7 +739,8 @@ def build_report(targets, samples, device, machine, options: BenchOptions, promp
         "options": {"repeats": options.repeats, "warmup": options.warmup,
                     "gen_lengths": list(options.gen_lengths), "prompt": options.prompt,
                     "seed": options.seed, "device": options.device, "verify": options.verify,
-                    "threads": options.threads, "ort_config": dict(options.ort_config)},
+                    "threads": options.threads, "ort_config": dict(options.ort_config),
+                    "cache_sweep": list(options.cache_sweep)},
         "machine": machine, "device": device.to_dict(),
         "contention": _contention(samples),
         "targets": [t.to_dict() for t in targets],

@@ -73,6 +73,13 @@ def format_table(report: dict) -> str:
                          f"{sc['predicted_slope_s_per_token'] * 1e6:.2f} us/token: {sc['verdict']}")
         elif sc:
             parts.append(sc["verdict"])
+        sw = info.get("cache_sweep")
+        if sw and sw.get("slope_s_per_token") is not None:
+            steps = ", ".join(f"{p}: {m * 1e3:.1f} ms" for p, m in
+                              zip(sw["lengths"], sw["measured_s"]))
+            parts.append(f"decode step vs cache length ({steps}): "
+                         f"{sw['slope_s_per_token'] * 1e6:.1f} us per cached token vs attention "
+                         f"term {sw['predicted_slope_s_per_token'] * 1e6:.2f}: {sw['verdict']}")
         if parts:
             lines.append(f"{label}: " + "; ".join(parts))
     return "\n".join(lines)
@@ -168,6 +175,24 @@ def write_plots(report: dict, out_dir) -> list[Path]:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "decode_step_vs_cache.png"))
+
+    sweeps = {k: v["cache_sweep"] for k, v in report["per_target"].items()
+              if v.get("cache_sweep")}
+    if sweeps:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (label, sw) in enumerate(sweeps.items()):
+            c = colors[i % len(colors)]
+            ax.plot(sw["lengths"], [m * 1e3 for m in sw["measured_s"]], "o-", color=c,
+                    label=f"{label}: measured (synthetic cache)")
+            ax.plot(sw["lengths"], [p * 1e3 for p in sw["predicted_s"]], "--", color=c,
+                    alpha=0.6, label=f"{label}: roofline (weights + K/V read once)")
+        ax.set_xlabel("cache length of every span (tokens)")
+        ax.set_ylabel("decode step, decoder spans (ms)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out / "decode_step_cache_sweep.png"))
     return paths
 
 

@@ -35,6 +35,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ort-config", action="append", metavar="KEY=VALUE",
                    help="ONNX Runtime session config entry for every segment (repeatable), e.g. "
                         "session.intra_op.allow_spinning=0")
+    p.add_argument("--cache-sweep", metavar="P1,P2,...",
+                   help="also time one decode step of every decoder span against a synthetic "
+                        "KV cache of these lengths (e.g. 128,512,1024,2048): how a step's cost "
+                        "grows with the cache, over a wider range than a generation covers")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifacts when loading")
     p.add_argument("--quick-microbench", action="store_true",
@@ -50,7 +54,10 @@ def options_from_args(args):
                         gen_lengths=parse_gen_lengths(args.gen_lengths), backend=args.backend,
                         device=args.device, prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed,
                         verify=not args.no_verify, quick_microbench=args.quick_microbench,
-                        threads=args.threads, ort_config=parse_ort_config(args.ort_config))
+                        threads=args.threads, ort_config=parse_ort_config(args.ort_config),
+                        cache_sweep=parse_gen_lengths(args.cache_sweep, "--cache-sweep")
+                        if args.cache_sweep
+                        else ())
 
 
 def cmd_bench(args) -> int:

@@ -225,3 +225,36 @@ def test_gpu_script_torch_segments_match_the_reference(tiny_models, method):
                                         max_new_tokens=6).token_ids
     assert len(steps) == 5 and timings["ttft"] > 0
     assert set(timings) >= {"vision", "embed", "ttft", "selection", "decode"}
+
+
+def test_ort_config_and_threads_reach_the_sessions(arts, tmp_path, capsys):
+    report_path = tmp_path / "r.json"
+    assert _cli(["bench", str(arts["none"]), "--repeats", "1", "--warmup", "0",
+                 "--gen-lengths", "2", "--device", "a100", "--no-verify", "--threads", "1",
+                 "--ort-config", "session.intra_op.allow_spinning=0",
+                 "--json", str(report_path)]) == 0
+    capsys.readouterr()
+    report = json.loads(report_path.read_text())
+    assert report["options"]["ort_config"] == {"session.intra_op.allow_spinning": "0"}
+    assert report["machine"]["ort_intra_op_threads"] == 1
+    assert report["contention"]["process_cpu_per_wall_s"]["n"] == 1
+    with pytest.raises(FeatherError, match="KEY=VALUE"):
+        _cli(["bench", str(arts["none"]), "--ort-config", "nonsense", "--gen-lengths", "1"])
+
+
+def test_cache_sweep_compares_decode_cost_per_cached_token(arts, tmp_path, capsys):
+    report_path = tmp_path / "r.json"
+    assert _cli(["bench", str(arts["none"]), str(arts["feather"]), "--repeats", "1",
+                 "--warmup", "0", "--gen-lengths", "2", "--device", "a100", "--no-verify",
+                 "--cache-sweep", "16,64,256", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    sweep = report["per_target"]["feather@144/13"]["cache_sweep"]
+    assert sweep["lengths"] == [16, 64, 256]
+    assert set(sweep["spans"]) == {"decoder_0_1", "decoder_1_2", "decoder_2_4"}
+    assert len(sweep["measured_s"]) == 3 and sweep["predicted_s"][2] > sweep["predicted_s"][0]
+    assert sweep["ok"] in (True, False) and "decode step vs cache length" in out
+    head = json.loads(out.strip().splitlines()[-1])
+    assert "decode_cache_cost_over_attention_term" in head["results"][0]
+    with pytest.raises(FeatherError, match="--cache-sweep"):
+        _cli(["bench", str(arts["none"]), "--cache-sweep", "x", "--gen-lengths", "1"])
