@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="export + engines for a fixed budget (the main job)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory or tiny model name (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint directory, or a built-in name: tiny, tiny-gqa, shape-llava-1b, "
+                        f"shape-llava-1.5-7b, shape-llava-1.5-13b (default: {DEFAULT_MODEL})")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     _prune_args(p)
     _engine_args(p)
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_reference)
+
+    from .cli_bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -95,7 +95,7 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
             say(f"[{i}/{len(plan)}] exporting {seg.name}")
             onnx_model = _build(model, seg, cfg, geo.grid_side, et, options.trt_plugin_only)
             segments.append(_save_segment(tmp, seg, onnx_model))
-        files = _copy_inputs(model_spec, source, tmp)
+        files = _copy_inputs(model.config.vision_config.image_size, source, tmp)
         manifest = _manifest(model, model_spec, source, cfg, options, geo, segments, files)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
@@ -162,18 +162,20 @@ def _save_segment(root: Path, seg: SegmentPlan, onnx_model) -> Segment:
                    seg.layers, seg.stage, data_files)
 
 
-def _copy_inputs(model_spec, source: Path | None, tmp: Path) -> list[dict]:
-    """Tokenizer and preprocessor config, so the artifact runs with nothing else."""
+def _copy_inputs(image_size: int, source: Path | None, tmp: Path) -> list[dict]:
+    """Tokenizer and preprocessor config, so the artifact runs with nothing else.
+
+    Built-in models (``source`` None) get the tiny tokenizer and a CLIP preprocessor config.
+    """
     from feather_runtime.preprocess import write_preprocessor_config
 
-    from .models import TINY_MODELS
     from .tiny_tokenizer import save_tiny_tokenizer
 
     tok_dir = tmp / "tokenizer"
     tok_dir.mkdir()
     if source is None:
         save_tiny_tokenizer(tok_dir)
-        write_preprocessor_config(tmp, TINY_MODELS[str(model_spec)].image_size)
+        write_preprocessor_config(tmp, image_size)
     else:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():

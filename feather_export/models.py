@@ -200,11 +200,15 @@ def load_checkpoint(path: str | os.PathLike):
 
 
 def load_config(spec: str | os.PathLike):
-    """The ``LlavaConfig`` of a tiny model name or a checkpoint directory, without any weights."""
+    """The ``LlavaConfig`` of a model name or a checkpoint directory, without any weights."""
     from transformers import LlavaConfig
+
+    from .shapes import SHAPE_MODELS, shape_llava_config
 
     if str(spec) in TINY_MODELS:
         return tiny_llava_config(str(spec))
+    if str(spec) in SHAPE_MODELS:
+        return shape_llava_config(str(spec))
     path = check_checkpoint_dir(spec)
     try:
         return LlavaConfig.from_pretrained(path)
@@ -213,7 +217,12 @@ def load_config(spec: str | os.PathLike):
 
 
 def resolve_model(spec: str | os.PathLike):
-    """``spec`` is a tiny model name or a checkpoint directory; returns (model, source_dir|None)."""
+    """``spec`` is a tiny or shape-only model name (random weights, built in-process) or a
+    checkpoint directory; returns (model, source_dir or None)."""
+    from .shapes import SHAPE_MODELS, build_shape_model
+
     if str(spec) in TINY_MODELS:
         return build_tiny_model(str(spec)), None
+    if str(spec) in SHAPE_MODELS:
+        return build_shape_model(str(spec)), None
     return load_checkpoint(spec), Path(spec)

@@ -15,7 +15,7 @@ def artifact(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("command", ["build", "build-engines", "export", "run", "check", "validate", "make-tiny",
+@pytest.mark.parametrize("command", ["build", "build-engines", "bench", "export", "run", "check", "validate", "make-tiny",
                                      "reference"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
