@@ -222,10 +222,8 @@ class _TimedRunner:
         x = feeds.get("inputs_embeds", feeds.get("input_ids"))
         if x is not None:
             seq = int(x.shape[1])
-        for key, value in feeds.items():
-            if key.startswith("past_key_values."):
-                past = int(value.shape[1])
-                break
+        if "past_length" in feeds:                    # decoder spans: valid rows of the cache
+            past = int(feeds["past_length"])
         t0 = time.perf_counter()
         out = self.runner.run(feeds)
         self.log.append((self.name, t0, time.perf_counter(), seq, past))
@@ -388,9 +386,11 @@ def _cpu_seconds() -> float:
 
 
 def cache_sweep(pipe, lengths, repeats: int = 3) -> dict:
-    """Time one decode step (S = 1) of every decoder span against a synthetic past of each length
-    (zeros; the graphs' cost does not depend on the values). Returns seconds per span and length
-    (median of ``repeats``), to compare with the attention term over a wide range of lengths."""
+    """Time one decode step (S = 1) of every decoder span against a synthetic cache of each length
+    (a static buffer of that capacity, all rows valid; zeros, the graphs' cost does not depend on
+    the values). Returns seconds per span and length (median of ``repeats``), to compare with the
+    attention term over a wide range of lengths. (The runtime's buffers have a fixed capacity, so
+    a real decode step costs the attention over that capacity whatever the valid length.)"""
     from feather_runtime.pipeline import NUMPY_DTYPES
 
     dtype = NUMPY_DTYPES[pipe.manifest["dtype"]]
@@ -403,11 +403,12 @@ def cache_sweep(pipe, lengths, repeats: int = 3) -> dict:
         times = []
         for length in lengths:
             feeds = {"inputs_embeds": np.zeros((1, 1, hidden), dtype),
-                     "position_ids": np.asarray([[length]], np.int64)}
+                     "position_ids": np.asarray([[length]], np.int64),
+                     "past_length": np.asarray(length, np.int64)}
             for spec in seg.inputs:
                 if spec["name"].startswith("past_key_values."):
-                    kv_heads, head_dim = spec["shape"][2], spec["shape"][3]
-                    feeds[spec["name"]] = np.zeros((1, length, kv_heads, head_dim), dtype)
+                    kv_heads, head_dim = spec["shape"][1], spec["shape"][3]
+                    feeds[spec["name"]] = np.zeros((1, kv_heads, length, head_dim), dtype)
             runner.run(feeds)                                     # warm this shape
             samples = []
             for _ in range(repeats):

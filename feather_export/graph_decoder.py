@@ -5,8 +5,8 @@ import numpy as np
 
 from .errors import FeatherError
 from .onnx_graph import GraphBuilder
-from .onnx_layers import (F32, activation, apply_rope, attend, attention_probs, causal_mask, dim,
-                          heads_first, linear, rms_norm, rope_tables, split_heads)
+from .onnx_layers import (F32, activation, apply_rope, cached_attention, causal_mask, dim,
+                          heads_first, linear, past_mask, rms_norm, rope_tables, split_heads)
 
 
 def check_text_config(text_config) -> None:
@@ -44,9 +44,16 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
                        score_layer: int | None = None, score_criterion: str | None = None):
     """Layers [start, end); ``final`` adds the norm and lm_head on the last position.
 
+    Static KV cache: ``past_key_values.{i}.key/value`` are the runtime's whole preallocated
+    buffers [1, kv_heads, capacity, head_dim] (heads-first, as transformers), of which the first
+    ``past_length`` rows are valid (prefill: capacity 0, past_length 0). Attention reads the buffers
+    in place with a mask; ``present.{i}.key/value`` [1, kv_heads, seq, head_dim] are the new rows
+    only, which the runtime writes at ``past_length``. Nothing concatenates or transposes the cache.
+
     ``score_layer`` additionally outputs what the next ``select`` segment scores with, taken from
     that layer's own attention: ``score_query.{i}`` (the last position's query) and, for FEATHER,
-    ``score_keys.{i}`` (keys before RoPE); FastV uses the RoPE'd query and ``present.{i}.key``.
+    ``score_keys.{i}`` (keys before RoPE, heads-first); FastV uses the RoPE'd query and
+    ``present.{i}.key``.
     """
     lm = model.model.language_model
     cfg = lm.config
@@ -56,11 +63,13 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     g = GraphBuilder(f"decoder_{start}_{end}")
     hidden = g.input("inputs_embeds", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])
-    pasts = [(g.input(f"past_key_values.{i}.key", et, [1, "past", kv_heads, head_dim]),
-              g.input(f"past_key_values.{i}.value", et, [1, "past", kv_heads, head_dim]))
+    past_length = g.input("past_length", 7, [])
+    pasts = [(g.input(f"past_key_values.{i}.key", et, [1, kv_heads, "capacity", head_dim]),
+              g.input(f"past_key_values.{i}.value", et, [1, kv_heads, "capacity", head_dim]))
              for i in range(start, end)]
     cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), et)
-    mask = causal_mask(g, dim(g, hidden, 1), dim(g, pasts[0][0], 1))
+    mask = (past_mask(g, dim(g, pasts[0][0], 2), past_length),      # [capacity] bool
+            causal_mask(g, dim(g, hidden, 1), g.const(0)))           # [seq, seq] over the new rows
     for i, (past_k, past_v) in zip(range(start, end), pasts):
         score = score_criterion if i == score_layer else None
         hidden = _llama_layer(g, lm.layers[i], i, hidden, cos, sin, mask, past_k, past_v,
@@ -88,14 +97,12 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
     if score is not None:
         _score_outputs(g, i, q if score == "feather" else q_rot, k, score, geometry, et)
     q = heads_first(g, q_rot)
-    v_new = split_heads(g, v, kv_heads, head_dim)
-    # outputs are only the new rows: the runtime appends them to its preallocated cache
-    g.output(k_new, f"present.{i}.key", et, [1, "seq", kv_heads, head_dim])
-    g.output(v_new, f"present.{i}.value", et, [1, "seq", kv_heads, head_dim])
-    k = heads_first(g, g.op("Concat", past_k, k_new, axis=1))
-    v = heads_first(g, g.op("Concat", past_v, v_new, axis=1))
-    probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, mask)
-    ctx = attend(g, probs, v, heads, head_dim, et)
+    k_new = heads_first(g, k_new)                      # only the new rows are transposed
+    v_new = heads_first(g, split_heads(g, v, kv_heads, head_dim))
+    # outputs are only the new rows: the runtime writes them into its preallocated cache
+    g.output(k_new, f"present.{i}.key", et, [1, kv_heads, "seq", head_dim])
+    g.output(v_new, f"present.{i}.value", et, [1, kv_heads, "seq", head_dim])
+    ctx = cached_attention(g, q, past_k, past_v, k_new, v_new, *mask, geometry, et)
     hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et))
     x = rms_norm(g, hidden, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", et)
     mlp = layer.mlp
@@ -107,9 +114,10 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
 
 
 def _score_outputs(g, i, q, k_pre_rope, criterion, geometry, et) -> None:
-    """The last position's query [1,1,H,hd]; FEATHER also needs the keys before RoPE."""
+    """The last position's query [1,1,H,hd]; FEATHER also needs the keys before RoPE
+    (heads-first [1,kvh,S,hd], like ``present.{i}.key``)."""
     heads, kv_heads, head_dim = geometry
     last = g.op("Slice", q, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
     g.output(last, f"score_query.{i}", et, [1, 1, heads, head_dim])
     if criterion == "feather":
-        g.output(k_pre_rope, f"score_keys.{i}", et, [1, "seq", kv_heads, head_dim])
+        g.output(heads_first(g, k_pre_rope), f"score_keys.{i}", et, [1, kv_heads, "seq", head_dim])

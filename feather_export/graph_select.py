@@ -35,14 +35,14 @@ def build_select(model, stage: Stage, side: int, et: int):
     g = GraphBuilder(f"select_{stage.layer}")
     query_name, keys_name = score_input_names(stage)
     query = g.input(query_name, et, [1, 1, heads, head_dim])
-    keys = g.input(keys_name, et, [1, "seq", kv_heads, head_dim])
+    keys = g.input(keys_name, et, [1, kv_heads, "seq", head_dim])           # heads-first
     hidden = g.input("hidden_states", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])
     start = g.input("image_start", 7, [])
     image_rows = g.op("Add", g.op("Range", g.const(0), g.const(n), g.const(1)), start)
     if stage.criterion == "feather":            # no rotary embedding, keys = current image tokens
-        keys = g.op("Gather", keys, image_rows, axis=1)
-    q, k = (heads_first(g, g.op("Cast", t, to=F32)) for t in (query, keys))
+        keys = g.op("Gather", keys, image_rows, axis=2)
+    q, k = heads_first(g, g.op("Cast", query, to=F32)), g.op("Cast", keys, to=F32)
     probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, None)  # [1,kvh,g,1,T]
     scores = g.op("Reshape", g.op("ReduceMean", probs, axes=[0, 1, 2, 3], keepdims=0), g.const([-1]))
     if stage.criterion == "fastv":              # RoPE'd keys of the whole causal row: image columns

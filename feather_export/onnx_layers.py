@@ -97,6 +97,19 @@ def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> st
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
+def _keys_t(g: GraphBuilder, k: str) -> str:
+    """k [1, kv_heads, T, hd] -> [1, kv_heads, 1, hd, T]: the GQA group axis first, then a swap of the
+    last two dims only, so the Transpose fuses into the MatMul (ORT FusedMatMul transB, TensorRT a
+    transposed MatMul operand) instead of copying the keys."""
+    return g.op("Transpose", g.op("Unsqueeze", k, g.const([2])), perm=[0, 1, 2, 4, 3])
+
+
+def _scaled_logits(g: GraphBuilder, q5: str, k: str, head_dim: int) -> str:
+    """fp32 q.k^T / sqrt(hd): q5 [1, kvh, groups, S, hd], k [1, kvh, T, hd] -> [1, kvh, groups, S, T]."""
+    return g.op("Mul", g.op("Cast", g.op("MatMul", q5, _keys_t(g, k)), to=F32),
+                g.const(np.float32(head_dim ** -0.5), np.float32))
+
+
 def attention_probs(g: GraphBuilder, q: str, k: str, groups: int, kv_heads: int, head_dim: int,
                     mask: str | None) -> str:
     """Softmax(q.k/sqrt(hd) + mask) in fp32 as [1, kv_heads, groups, S, T] (GQA by broadcasting).
@@ -104,9 +117,7 @@ def attention_probs(g: GraphBuilder, q: str, k: str, groups: int, kv_heads: int,
     q: [1, kv_heads*groups, S, hd]; k: [1, kv_heads, T, hd].
     """
     q5 = g.op("Reshape", q, g.const([1, kv_heads, groups, -1, head_dim]))
-    kt = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))
-    logits = g.op("Mul", g.op("Cast", g.op("MatMul", q5, kt), to=F32),
-                  g.const(np.float32(head_dim ** -0.5), np.float32))
+    logits = _scaled_logits(g, q5, k, head_dim)
     if mask is not None:
         logits = g.op("Add", logits, mask)
     return g.op("Softmax", logits, axis=-1)
@@ -116,6 +127,40 @@ def attend(g: GraphBuilder, probs32: str, v: str, heads: int, head_dim: int, et:
     """probs [1, kvh, groups, S, T] x v [1, kvh, T, hd] -> [1, S, heads*hd]."""
     ctx = g.op("MatMul", cast(g, probs32, F32, et), g.op("Unsqueeze", v, g.const([2])))
     return merge_heads(g, g.op("Reshape", ctx, g.const([1, heads, -1, head_dim])))
+
+
+def cached_attention(g: GraphBuilder, q: str, k_buf: str, v_buf: str, k_new: str, v_new: str,
+                     past_mask: str, new_mask: str, geometry, et: int) -> str:
+    """Attention over a static KV buffer plus the new rows, without copying the buffer.
+
+    q [1, heads, S, hd]; k_buf/v_buf [1, kvh, C, hd] (the whole preallocated cache, C = capacity,
+    only the first ``past_length`` rows valid); k_new/v_new [1, kvh, S, hd]. ``past_mask`` [C] bool
+    (column < past_length), ``new_mask`` [S, S] additive causal. One fp32 softmax over
+    [past columns | new columns]; ctx = probs_past . V_buf + probs_new . v_new -> [1, S, heads*hd].
+    Columns beyond past_length get -inf through Where (robust to any finite or infinite logit), so
+    rows of the buffer past the valid length never contribute (their values must be finite, as
+    zeros or old rows are).
+    """
+    heads, kv_heads, head_dim = geometry
+    q5 = g.op("Reshape", q, g.const([1, kv_heads, heads // kv_heads, -1, head_dim]))
+    past = g.op("Where", past_mask, _scaled_logits(g, q5, k_buf, head_dim),
+                g.const(NEG_INF, np.float32))
+    new = g.op("Add", _scaled_logits(g, q5, k_new, head_dim), new_mask)
+    probs = g.op("Softmax", g.op("Concat", past, new, axis=-1), axis=-1)
+    capacity = g.op("Slice", g.op("Shape", k_buf), g.const([2]), g.const([3]))   # [1]
+    big = g.const([np.iinfo(np.int64).max])
+    axis = g.const([-1])
+    p_past = cast(g, g.op("Slice", probs, g.const([0]), capacity, axis), F32, et)
+    p_new = cast(g, g.op("Slice", probs, capacity, big, axis), F32, et)
+    ctx = g.op("Add", g.op("MatMul", p_past, g.op("Unsqueeze", v_buf, g.const([2]))),
+               g.op("MatMul", p_new, g.op("Unsqueeze", v_new, g.const([2]))))
+    return merge_heads(g, g.op("Reshape", ctx, g.const([1, heads, -1, head_dim])))
+
+
+def past_mask(g: GraphBuilder, capacity: str, past_length: str) -> str:
+    """Bool [C]: the buffer columns holding valid rows (column < past_length)."""
+    cols = g.op("Range", g.const(0), capacity, g.const(1))
+    return g.op("Less", cols, past_length)
 
 
 def causal_mask(g: GraphBuilder, seq_len: str, past_len: str) -> str:

@@ -60,12 +60,13 @@ def fastv_scores(layer, rotary, hidden_in, position_ids, image_start: int, num_i
 def score_inputs(layer, rotary, hidden_in, position_ids, criterion: str):
     """What an exported span hands its select segment, in the segment layout.
 
-    Returns (query [1, 1, H, hd], keys [1, S, Hkv, hd]): FEATHER without RoPE, FastV with it.
+    Returns (query [1, 1, H, hd], keys heads-first [1, Hkv, S, hd]): FEATHER without RoPE, FastV
+    with it.
     """
     q, k, _ = _qk(layer, hidden_in)
     if criterion == "fastv":
         q, k = _rope(rotary, hidden_in, position_ids, q, k)
-    return q.transpose(0, 1)[None], k.transpose(0, 1)[None]
+    return q.transpose(0, 1)[None], k[None]
 
 
 def cls_attention_scores(clip_layer, hidden_in):

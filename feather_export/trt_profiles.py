@@ -9,16 +9,16 @@ Profiles (DESIGN §2-§3: one engine per segment, prefill and decode share the w
   placeholders plus up to T text tokens), profile 1 "decode" ``seq`` = 1.
 * ``decoder_a_b``: with n = the image tokens entering the span (N before the first prune point,
   the stage's kept count after it; FasterVLM: its kept count everywhere), profile 0 "prefill"
-  ``seq`` = n .. n + T with ``past`` = 0 (empty past: TensorRT 10 allows zero-length profile
-  dimensions, ``0 <= min <= opt <= max``, IOptimizationProfile::setDimensions in
-  include/NvInferRuntime.h of TensorRT v10.3.0), profile 1 "decode" ``seq`` = 1 with ``past`` =
-  1 .. n + T + G - 1 (the runtime's per-span KV cache holds n + T + G rows; a decode step feeds at
-  most all but one of them).
+  ``seq`` = n .. n + T with cache ``capacity`` = 0 (empty cache: TensorRT 10 allows zero-length
+  profile dimensions, ``0 <= min <= opt <= max``, IOptimizationProfile::setDimensions in
+  include/NvInferRuntime.h of TensorRT v10.3.0), profile 1 "decode" ``seq`` = 1 with
+  ``capacity`` fixed at n + T + G (min = opt = max: the runtime's static per-span KV cache holds
+  n + T + G rows and a decode step feeds the whole buffer; ``past_length``, the number of valid
+  rows, is a scalar input and needs no profile).
 * ``select_K``: one profile, ``seq`` = n_in .. n_in + T (selection never runs in decode).
 * ``vision`` and FasterVLM's ``select_0`` have static shapes: no profile is needed.
 
-opt: a typical prompt of ``OPT_TEXT_TOKENS`` text tokens, and for decode the middle of a typical
-answer of ``OPT_NEW_TOKENS`` tokens (both clamped to the artifact's limits).
+opt: a typical prompt of ``OPT_TEXT_TOKENS`` text tokens (clamped to the artifact's limit).
 
 Engine names: ``engines/<segment>[.b<budget>].<precision>.plan``. The budget suffix marks engines
 that depend on the budget: select segments (graph) and decoder spans after a prune point (their
@@ -169,7 +169,10 @@ def resolve_precision(artifact_dtype: str, precision: str | None) -> tuple[str, 
 def plan_engines(manifest: dict, precision: str | None = None, *,
                  opt_text_tokens: int = OPT_TEXT_TOKENS,
                  opt_new_tokens: int = OPT_NEW_TOKENS) -> list[EnginePlan]:
-    """One plan per segment of a manifest (``Manifest.data``), in the manifest's order."""
+    """One plan per segment of a manifest (``Manifest.data``), in the manifest's order.
+
+    ``opt_new_tokens`` no longer shapes anything (decode profiles have a fixed cache capacity); it
+    is accepted for callers of the earlier signature."""
     precision, strongly_typed = resolve_precision(manifest["dtype"], precision)
     model, stages = manifest["model"], manifest["prune"]["stages"]
     n_total = model["num_image_tokens"]
@@ -185,10 +188,10 @@ def plan_engines(manifest: dict, precision: str | None = None, *,
                       (DECODE, {"seq": (1, 1, 1)})]
             dependent = False
         elif kind == "decoder":
-            longest = n_img + text + new - 1
-            opt_past = min(max(1, n_img + opt_text + opt_new_tokens // 2), longest)
-            ranges = [(PREFILL, {"seq": (n_img, n_img + opt_text, n_img + text), "past": (0, 0, 0)}),
-                      (DECODE, {"seq": (1, 1, 1), "past": (1, opt_past, longest)})]
+            capacity = n_img + text + new           # the runtime's SpanCache for this span
+            ranges = [(PREFILL, {"seq": (n_img, n_img + opt_text, n_img + text),
+                                 "capacity": (0, 0, 0)}),
+                      (DECODE, {"seq": (1, 1, 1), "capacity": (capacity,) * 3})]
             dependent = n_img != n_total
         elif kind == "select":
             stage = stages[seg["stage"]]

@@ -1,8 +1,9 @@
 """``feather-export validate``: each ONNX segment (ONNX Runtime) against the PyTorch modules.
 
 Inputs are random, at sequence/past lengths the segments were never built around (the exporter
-traces nothing, so any length is new): sequence 7 with past 5 for decoder spans, a 13-token prompt
-for embed, a 9-token text tail around the image block for selections (whose score query/keys come
+traces nothing, so any length is new): sequence 7 with past 5 for decoder spans (the past in a
+static-cache buffer of capacity 9 whose last 4 rows are large garbage, so the mask is checked), a
+13-token prompt for embed, a 9-token text tail around the image block for selections (whose score query/keys come
 from the PyTorch layer on a random layer input, so the scores are checked end to end).
 """
 from __future__ import annotations
@@ -127,15 +128,20 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
     m = manifest["model"]
     lm = model.model.language_model
     a, b = seg.layers
-    kv_shape = (1, past, m["num_key_value_heads"], m["head_dim"])
+    # the static cache: a buffer of capacity past + 4 whose rows beyond past_length are garbage
+    # (large random values) that the graph must mask out; the reference sees the valid rows only
+    kv_shape = (1, m["num_key_value_heads"], past + 4, m["head_dim"])
     hidden = rng.standard_normal((1, seq, m["hidden_size"])).astype(np_dtype)
     positions = np.arange(past + 3, past + 3 + seq, dtype=np.int64)[None]   # a gap, as after pruning
-    feeds = {"inputs_embeds": hidden, "position_ids": positions}
+    feeds = {"inputs_embeds": hidden, "position_ids": positions,
+             "past_length": np.asarray(past, np.int64)}
     cache = DynamicCache()
     for i in range(a, b):
         k, v = (rng.standard_normal(kv_shape).astype(np_dtype) for _ in range(2))
+        for t in (k, v):
+            t[:, :, past:] = (rng.standard_normal(t[:, :, past:].shape) * 100).astype(np_dtype)
         feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
-        cache.update(*(torch.from_numpy(t.astype(np.float32)).transpose(1, 2) for t in (k, v)), i)
+        cache.update(*(torch.from_numpy(t[:, :, :past].astype(np.float32)) for t in (k, v)), i)
     mask = torch.full((seq, past + seq), torch.finfo(torch.float32).min).triu(past + 1)[None, None]
     h, pos = torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(positions)
     expected = {}
@@ -148,8 +154,8 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
             if criterion == "feather":
                 expected[f"score_keys.{i}"] = keys.numpy()
         h = run_layer(lm.layers[i], lm.rotary_emb, h, pos, cache, mask)
-        expected[f"present.{i}.key"] = cache.layers[i].keys[:, :, past:].transpose(1, 2).numpy()
-        expected[f"present.{i}.value"] = cache.layers[i].values[:, :, past:].transpose(1, 2).numpy()
+        expected[f"present.{i}.key"] = cache.layers[i].keys[:, :, past:].numpy()      # heads-first
+        expected[f"present.{i}.value"] = cache.layers[i].values[:, :, past:].numpy()
     if b == m["num_layers"]:
         expected["logits"] = lm_logits(model, h[:, -1:]).numpy()[None, None]
     else:

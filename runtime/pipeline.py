@@ -255,7 +255,7 @@ class Pipeline:
         for step in self.steps:
             step.cache.reset()
             out = self._run(step.span, {"inputs_embeds": hidden, "position_ids": positions,
-                                        **step.cache.past_feeds()}, timings)
+                                        **step.cache.feeds(prefill=True)}, timings)
             step.cache.append(out)
             if step.select is None:
                 logits = out["logits"]
@@ -274,7 +274,7 @@ class Pipeline:
         pos = np.asarray([[position]], np.int64)
         for step in self.steps:
             out = self._run(step.span, {"inputs_embeds": hidden, "position_ids": pos,
-                                        **step.cache.past_feeds()})
+                                        **step.cache.feeds(prefill=False)})
             step.cache.append(out)
             hidden = out.get("hidden_states")
         return out["logits"].reshape(-1)

@@ -87,7 +87,7 @@ def test_selection_node_once_per_prune_point_with_function_body(artifacts):
 
 
 def test_decoder_segments_shared_by_prefill_and_decode(artifacts):
-    """One decoder graph per span, with dynamic sequence and past lengths (no second copy)."""
+    """One decoder graph per span, with dynamic sequence length and cache capacity (no second copy)."""
     path = artifacts[("tiny", "feather", 0)][0]
     manifest = json.loads((path / "feather.json").read_text())
     decoders = [s for s in manifest["segments"] if s["kind"] == "decoder"]
@@ -95,7 +95,8 @@ def test_decoder_segments_shared_by_prefill_and_decode(artifacts):
     first = decoders[0]
     shapes = {i["name"]: i["shape"] for i in first["inputs"]}
     assert shapes["inputs_embeds"] == [1, "seq", 64]
-    assert shapes["past_key_values.0.key"] == [1, "past", 4, 16]
+    assert shapes["past_key_values.0.key"] == [1, 4, "capacity", 16]      # static cache, heads-first
+    assert shapes["past_length"] == []
     assert {o["name"] for o in first["outputs"]} == {"hidden_states", "score_query.0", "score_keys.0",
                                                     "present.0.key", "present.0.value"}
     assert len(list((path / "onnx").glob("decoder_*.onnx"))) == 3

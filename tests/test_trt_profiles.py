@@ -51,18 +51,19 @@ def test_feather_profiles(artifacts):
     assert plans["vision"].profiles == ()                       # static shapes: no profile
     assert _ranges(plans["embed"], PREFILL) == {"input_ids": ((1, N), (1, N + 32), (1, N + T))}
     assert _ranges(plans["embed"], DECODE) == {"input_ids": ((1, 1), (1, 1), (1, 1))}
-    # before the first prune point: every image token; prefill has an empty past
+    # before the first prune point: every image token; prefill has an empty cache (capacity 0)
     d01 = _ranges(plans["decoder_0_1"], PREFILL)
     assert d01["inputs_embeds"] == ((1, N, 64), (1, N + 32, 64), (1, N + T, 64))
     assert d01["position_ids"] == ((1, N), (1, N + 32), (1, N + T))
-    assert d01["past_key_values.0.key"] == ((1, 0, 4, 16),) * 3
+    assert d01["past_key_values.0.key"] == ((1, 4, 0, 16),) * 3
+    assert "past_length" not in d01                             # a scalar: no profile needed
     d01 = _ranges(plans["decoder_0_1"], DECODE)
     assert d01["inputs_embeds"] == ((1, 1, 64),) * 3
-    assert d01["past_key_values.0.value"] == ((1, 1, 4, 16), (1, N + 32 + 32, 4, 16),
-                                              (1, N + T + G - 1, 4, 16))
+    # decode: the runtime's whole static buffer, capacity fixed at n + T + G
+    assert d01["past_key_values.0.value"] == ((1, 4, N + T + G, 16),) * 3
     # after the prune points: the kept counts (144, then round(0.09 * 144) = 13)
     assert _ranges(plans["decoder_1_2"], PREFILL)["inputs_embeds"][2] == (1, 144 + T, 64)
-    assert _ranges(plans["decoder_1_2"], DECODE)["past_key_values.1.key"][2] == (1, 144 + T + G - 1, 4, 16)
+    assert _ranges(plans["decoder_1_2"], DECODE)["past_key_values.1.key"] == ((1, 4, 144 + T + G, 16),) * 3
     assert _ranges(plans["decoder_2_4"], PREFILL)["inputs_embeds"] == ((1, 13, 64), (1, 45, 64),
                                                                        (1, 13 + T, 64))
     assert set(_ranges(plans["decoder_2_4"], DECODE)) == {
@@ -71,7 +72,7 @@ def test_feather_profiles(artifacts):
     # selection: prefill only, sequence = text + the tokens entering the stage; image_start static
     assert [p.role for p in plans["select_1"].profiles] == [PREFILL]
     assert _ranges(plans["select_1"], PREFILL) == {
-        "score_keys.0": ((1, N, 4, 16), (1, N + 32, 4, 16), (1, N + T, 4, 16)),
+        "score_keys.0": ((1, 4, N, 16), (1, 4, N + 32, 16), (1, 4, N + T, 16)),
         "hidden_states": ((1, N, 64), (1, N + 32, 64), (1, N + T, 64)),
         "position_ids": ((1, N), (1, N + 32), (1, N + T))}
     assert _ranges(plans["select_2"], PREFILL)["hidden_states"][0] == (1, 144, 64)
@@ -100,12 +101,12 @@ def test_profile_invariants(artifacts, name):
                 seq_input = "input_ids" if seg["kind"] == "embed" else "inputs_embeds"
                 assert ranges[seq_input].min[1] == ranges[seq_input].max[1] == 1
                 for n, r in ranges.items():
-                    if n.startswith("past_key_values."):
-                        assert r.min[1] == 1
+                    if n.startswith("past_key_values."):          # fixed capacity, heads-first
+                        assert r.min[2] == r.opt[2] == r.max[2] > 0
             elif seg["kind"] == "decoder":
                 for n, r in ranges.items():
                     if n.startswith("past_key_values."):
-                        assert r.min[1] == r.max[1] == 0
+                        assert r.min[2] == r.max[2] == 0
 
 
 def test_fastervlm_and_none(artifacts):
@@ -126,7 +127,7 @@ def test_small_limits_clamp_opt(artifacts):
     plans = _plans(artifacts["small"])             # --max-text-tokens 8 --max-new-tokens 1
     assert _ranges(plans["embed"], PREFILL)["input_ids"] == ((1, N), (1, N + 8), (1, N + 8))
     decode = _ranges(plans["decoder_0_1"], DECODE)["past_key_values.0.key"]
-    assert decode == ((1, 1, 4, 16), (1, N + 8, 4, 16), (1, N + 8, 4, 16))
+    assert decode == ((1, 4, N + 8 + 1, 16),) * 3
 
 
 def test_engine_names_and_budget_dependence(artifacts):
@@ -173,7 +174,9 @@ def test_trtexec_commands(artifacts):
     assert argv.count("--profile=0") == 1 and argv.count("--profile=1") == 1
     assert argv.index("--profile=0") < argv.index("--profile=1")
     mins = [a for a in argv if a.startswith("--minShapes=")]
-    assert "past_key_values.0.key:1x0x4x16" in mins[0] and "past_key_values.0.key:1x1x4x16" in mins[1]
+    assert "past_key_values.0.key:1x4x0x16" in mins[0]
+    assert f"past_key_values.0.key:1x4x{N + T + G}x16" in mins[1]
+    assert "past_length" not in " ".join(argv)                      # scalar input: no shape option
     assert f"inputs_embeds:1x{N}x64" in mins[0] and "inputs_embeds:1x1x64" in mins[1]
     assert "--timingCacheFile=ART/engines/timing.cache" in argv
     assert "--memPoolSize=workspace:4096M" in argv
