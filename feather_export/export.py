@@ -67,23 +67,40 @@ def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
     return plan
 
 
-def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,
-           progress: Callable[[str], None] | None = None) -> Path:
-    """Export ``model_spec`` (a tiny model name or a checkpoint directory) into ``out_dir``."""
-    from .models import geometry_of, load_config, resolve_model
-
-    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+def check_export(options: ExportOptions, geo, out: Path) -> PruneConfig:
+    """Refuse bad options and output directories before any weight is loaded."""
     if options.dtype not in DTYPES:
         raise FeatherError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     if options.max_text_tokens < 1 or options.max_new_tokens < 1:
         raise FeatherError("--max-text-tokens and --max-new-tokens must be at least 1")
-    out = Path(out_dir)
     _check_output_dir(out)
-    geo = geometry_of(load_config(model_spec))          # refuse bad options before loading weights
-    cfg = PruneConfig.create(options.method, geo, budget=options.budget,
-                             schedule=options.schedule, stride=options.stride)
+    return PruneConfig.create(options.method, geo, budget=options.budget,
+                              schedule=options.schedule, stride=options.stride)
+
+
+def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,
+           progress: Callable[[str], None] | None = None) -> Path:
+    """Export ``model_spec`` (a built-in model name or a checkpoint directory) into ``out_dir``."""
+    from .models import geometry_of, load_config, resolve_model
+
+    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    cfg = check_export(options, geometry_of(load_config(model_spec)), out)
     say(f"loading model {model_spec}")
     model, source = resolve_model(model_spec)
+    return export_model(model, str(model_spec), source, out, options, cfg, say)
+
+
+def export_model(model, model_id: str, source: Path | None, out: Path, options: ExportOptions,
+                 cfg: PruneConfig, say: Callable[[str], None]) -> Path:
+    """Write the artifact of an already loaded model (``cfg`` from ``check_export``).
+
+    ``source`` is the checkpoint directory (tokenizer and preprocessor are copied from it), or
+    None for built-in models (the tiny tokenizer and a CLIP preprocessor config are written).
+    """
+    from .models import geometry_of
+
+    geo = geometry_of(model.config)
     et = DTYPES[options.dtype]
     plan = plan_segments(geo.num_layers, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,11 +109,12 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
         (tmp / "onnx").mkdir()
         segments = []
         for i, seg in enumerate(plan, 1):
-            say(f"[{i}/{len(plan)}] exporting {seg.name}")
+            say(f"[{out.name} {i}/{len(plan)}] exporting {seg.name}")
             onnx_model = _build(model, seg, cfg, geo.grid_side, et, options.trt_plugin_only)
             segments.append(_save_segment(tmp, seg, onnx_model))
+            del onnx_model                       # large models: free each graph once saved
         files = _copy_inputs(model.config.vision_config.image_size, source, tmp)
-        manifest = _manifest(model, model_spec, source, cfg, options, geo, segments, files)
+        manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:

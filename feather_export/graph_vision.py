@@ -5,7 +5,6 @@ mean over heads, patch columns (FasterVLM's criterion), taken from probabilities
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .errors import FeatherError
 from .onnx_graph import DTYPES, GraphBuilder

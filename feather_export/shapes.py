@@ -13,9 +13,7 @@ directories).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -159,64 +157,14 @@ def export_shape_artifacts(name: str, jobs: Sequence[tuple[str | os.PathLike, ob
     Same artifact layout and atomic write as ``feather_export.export.export``; the manifest's model
     id is the shape name. ``model`` may be passed to reuse one already built.
     """
-    from feather_runtime.manifest import write_manifest
-
-    from .config import PruneConfig
-    from .export import (_build, _check_output_dir, _manifest, _move_into_place, _save_segment,
-                         plan_segments)
+    from .export import check_export, export_model
     from .models import geometry_of
-    from .onnx_graph import DTYPES
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    spec = shape_spec(name)
-    config = shape_llava_config(name)
-    geo = geometry_of(config)
-    plans = []
-    for out, options in jobs:                        # refuse bad options before building weights
-        if options.dtype not in DTYPES:
-            raise FeatherError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
-        out = Path(out)
-        _check_output_dir(out)
-        cfg = PruneConfig.create(options.method, geo, budget=options.budget,
-                                 schedule=options.schedule, stride=options.stride)
-        plans.append((out, options, cfg))
+    geo = geometry_of(shape_llava_config(name))
+    # refuse bad options for every job before building weights
+    plans = [(Path(out), options, check_export(options, geo, Path(out))) for out, options in jobs]
     if model is None:
-        say(f"building {name}: {spec.description}")
+        say(f"building {name}: {shape_spec(name).description}")
         model = build_shape_model(name, say)
-    written = []
-    for out, options, cfg in plans:
-        plan = plan_segments(geo.num_layers, cfg)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            (tmp / "onnx").mkdir()
-            segments = []
-            for i, seg in enumerate(plan, 1):
-                say(f"[{out.name} {i}/{len(plan)}] exporting {seg.name}")
-                onnx_model = _build(model, seg, cfg, geo.grid_side, DTYPES[options.dtype],
-                                    options.trt_plugin_only)
-                segments.append(_save_segment(tmp, seg, onnx_model))
-                del onnx_model
-            files = _write_inputs(tmp, spec.image_size)
-            write_manifest(tmp, _manifest(model, name, None, cfg, options, geo, segments, files))
-            _move_into_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        say(f"wrote {out} ({len(plan)} segments, method {cfg.method}, budget {cfg.budget})")
-        written.append(out)
-    return written
-
-
-def _write_inputs(tmp: Path, image_size: int) -> list[dict]:
-    """The tiny tokenizer and a preprocessor config for the shape's image size."""
-    from feather_runtime.manifest import sha256_file
-    from feather_runtime.preprocess import write_preprocessor_config
-
-    from .tiny_tokenizer import save_tiny_tokenizer
-
-    tok_dir = tmp / "tokenizer"
-    save_tiny_tokenizer(tok_dir)
-    write_preprocessor_config(tmp, image_size)
-    files = sorted([*tok_dir.iterdir(), tmp / "preprocessor_config.json"])
-    return [{"file": str(f.relative_to(tmp)), "sha256": sha256_file(f)} for f in files]
+    return [export_model(model, name, None, out, options, cfg, say) for out, options, cfg in plans]
