@@ -10,7 +10,7 @@ import sys
 
 from .errors import FeatherError
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "tiny-shapes"   # the trained built-in checkpoint (feather_export/assets/tiny-shapes)
 EXIT_USER_ERROR = 2
 
 
@@ -108,18 +108,43 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from feather_runtime import Pipeline
 
+    if args.overlay:
+        _check_overlay_path(args.overlay)
     pipe = Pipeline.load(args.artifact, backend=args.backend)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
-    if args.json:
+    if args.json or args.overlay:
         res = pipe.generate(image=args.image, prompt=args.prompt, **kwargs)
+    if args.overlay:
+        from .overlay import draw_pipeline_overlay
+
+        written = draw_pipeline_overlay(pipe, args.image, res, args.overlay,
+                                        title=f"{pipe.method}: {args.prompt} -> {res.text!r}")
+        print(f"wrote {written}", file=sys.stderr)
+    if args.json:
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "kept": res.kept,
                           "timings": res.timings}))
+        return 0
+    if args.overlay:
+        print(res.text)
         return 0
     for piece in pipe.stream(image=args.image, prompt=args.prompt, **kwargs):
         print(piece, end="", flush=True)
     print()
     return 0
+
+
+def _check_overlay_path(path: str) -> None:
+    """Refuse an overlay target that cannot be written, before any model work."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise FeatherError(f"--overlay {path}: the overlay is a PNG; give a path ending in .png")
+    if not target.parent.is_dir():
+        raise FeatherError(f"--overlay {path}: the directory {target.parent} does not exist")
+    if target.is_dir():
+        raise FeatherError(f"--overlay {path} is a directory")
 
 
 def cmd_check(args) -> int:
@@ -176,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="export + engines for a fixed budget (the main job)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory, or a built-in name: tiny, tiny-gqa, shape-llava-1b, "
-                        f"shape-llava-1.5-7b, shape-llava-1.5-13b (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint directory, or a built-in name: tiny-shapes (trained), tiny, tiny-gqa "
+                        f"(random weights), shape-llava-1b, shape-llava-1.5-7b, shape-llava-1.5-13b "
+                        f"(random weights, real shapes) (default: {DEFAULT_MODEL})")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     _prune_args(p)
     _engine_args(p)
@@ -207,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="onnxruntime (default), onnxruntime-cpu, onnxruntime-cuda, "
                    "tensorrt")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--overlay", metavar="PNG", help="also draw the kept image patches of every pruning "
+                   "stage over the input image into this PNG")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="TensorRT 10.3 compatibility lint of an artifact")
@@ -235,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reference)
 
     from .cli_bench import add_bench_parser
+    from .cli_eval import add_eval_parser
 
     add_bench_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -250,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("feather-export: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:             # e.g. `feather-export run ... | head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

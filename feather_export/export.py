@@ -203,7 +203,7 @@ def _copy_inputs(image_size: int, source: Path | None, tmp: Path) -> list[dict]:
     return [{"file": str(f.relative_to(tmp)), "sha256": sha256_file(f)} for f in files]
 
 
-def _manifest(model, model_spec, source, cfg: PruneConfig, options: ExportOptions, geo,
+def _manifest(model, model_id: str, source, cfg: PruneConfig, options: ExportOptions, geo,
               segments: list[Segment], files: list[dict]) -> dict:
     import onnx
     import torch
@@ -211,6 +211,7 @@ def _manifest(model, model_spec, source, cfg: PruneConfig, options: ExportOption
 
     from . import __version__
     from .graph_decoder import attn_geometry
+    from .models import BUILTIN_CHECKPOINTS
 
     text = model.config.text_config
     heads, kv_heads, head_dim = attn_geometry(text)
@@ -221,7 +222,8 @@ def _manifest(model, model_spec, source, cfg: PruneConfig, options: ExportOption
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": {
-            "id": str(model_spec) if source is None else str(Path(source).resolve()),
+            "id": model_id if source is None or model_id in BUILTIN_CHECKPOINTS
+                  else str(Path(source).resolve()),
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
             "num_layers": geo.num_layers, "num_image_tokens": geo.num_image_tokens,
             "grid_side": geo.grid_side, "image_size": model.config.vision_config.image_size,

@@ -16,6 +16,9 @@ from .config import ModelGeometry
 from .errors import FeatherError
 
 TINY_SEED = 20261121
+# trained checkpoints shipped inside the package, by name (feather_export/train_tiny.py made them)
+TINY_SHAPES_DIR = Path(__file__).resolve().parent / "assets" / "tiny-shapes"
+BUILTIN_CHECKPOINTS: dict[str, Path] = {"tiny-shapes": TINY_SHAPES_DIR}
 
 
 @dataclass(frozen=True)
@@ -45,15 +48,19 @@ TINY_MODELS: dict[str, TinySpec] = {
 
 def tiny_llava_config(name: str):
     """The ``LlavaConfig`` of a registered tiny model (vocabulary from the tiny tokenizer)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
     from .tiny_tokenizer import build_tiny_tokenizer
 
     if name not in TINY_MODELS:
         raise FeatherError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
-    spec = TINY_MODELS[name]
-    tok = build_tiny_tokenizer()
-    vocab = tok.get_vocab_size(with_added_tokens=True)
+    return small_llava_config(TINY_MODELS[name], build_tiny_tokenizer())
+
+
+def small_llava_config(spec, tok, initializer_range: float | None = None):
+    """A ``LlavaConfig`` (CLIP ViT + Llama, default RoPE) from a ``TinySpec``-like geometry and a
+    tokenizer built by ``tiny_tokenizer.build_bpe_tokenizer`` (vocabulary and special ids)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    init = {} if initializer_range is None else {"initializer_range": initializer_range}
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
@@ -61,14 +68,15 @@ def tiny_llava_config(name: str):
     text = LlamaConfig(
         hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads, vocab_size=vocab, max_position_embeddings=4096,
+        num_key_value_heads=spec.kv_heads, vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
         bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
-        pad_token_id=tok.token_to_id("<pad>"))
+        pad_token_id=tok.token_to_id("<pad>"), **init)
     grid = spec.image_size // spec.patch_size
     return LlavaConfig(vision_config=vision, text_config=text,
                        image_token_index=tok.token_to_id("<image>"),
-                       image_seq_length=grid * grid, tie_word_embeddings=False)
+                       image_seq_length=grid * grid, tie_word_embeddings=False, **init)
 
 
 def build_tiny_model(name: str):
@@ -209,20 +217,32 @@ def load_config(spec: str | os.PathLike):
         return tiny_llava_config(str(spec))
     if str(spec) in SHAPE_MODELS:
         return shape_llava_config(str(spec))
-    path = check_checkpoint_dir(spec)
+    path = check_checkpoint_dir(checkpoint_path(spec))
     try:
         return LlavaConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - a config transformers rejects is a bad checkpoint
         raise FeatherError(f"could not read the config in {path}: {exc}") from None
 
 
+def checkpoint_path(spec: str | os.PathLike) -> Path:
+    """The directory of a built-in trained checkpoint name (``tiny-shapes``), else ``spec`` itself."""
+    if str(spec) in BUILTIN_CHECKPOINTS:
+        path = BUILTIN_CHECKPOINTS[str(spec)]
+        if not (path / "model.safetensors").is_file():
+            raise FeatherError(f"the built-in {spec} checkpoint is missing from {path} (a broken "
+                               "install?); retrain it with python -m feather_export.train_tiny")
+        return path
+    return Path(spec)
+
+
 def resolve_model(spec: str | os.PathLike):
-    """``spec`` is a tiny or shape-only model name (random weights, built in-process) or a
-    checkpoint directory; returns (model, source_dir or None)."""
+    """``spec`` is a tiny or shape-only model name (random weights, built in-process), the trained
+    built-in ``tiny-shapes`` or a checkpoint directory; returns (model, source_dir or None)."""
     from .shapes import SHAPE_MODELS, build_shape_model
 
     if str(spec) in TINY_MODELS:
         return build_tiny_model(str(spec)), None
     if str(spec) in SHAPE_MODELS:
         return build_shape_model(str(spec)), None
-    return load_checkpoint(spec), Path(spec)
+    path = checkpoint_path(spec)
+    return load_checkpoint(path), path

@@ -75,25 +75,26 @@ def _metaspace() -> pre_tokenizers.Metaspace:
     return pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first", split=True)
 
 
-def _train_pieces() -> tuple[list[str], list[tuple[str, str]]]:
+def _train_pieces(corpus: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Train BPE on the corpus; return its pieces (in id order) and merges."""
     scratch = Tokenizer(models.BPE())
     scratch.pre_tokenizer = _metaspace()
     trainer = trainers.BpeTrainer(vocab_size=_NUM_TRAINED, min_frequency=1, show_progress=False)
-    scratch.train_from_iterator(_corpus(), trainer=trainer)
+    scratch.train_from_iterator(corpus, trainer=trainer)
     state = json.loads(scratch.to_str())["model"]
     pieces = sorted(state["vocab"], key=state["vocab"].__getitem__)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     return pieces, merges
 
 
-def build_tiny_tokenizer() -> Tokenizer:
-    """Build the tiny tokenizer; the same result on every run."""
-    pieces, merges = _train_pieces()
+def build_bpe_tokenizer(corpus: list[str]) -> Tokenizer:
+    """The project's tokenizer recipe trained on ``corpus``: fixed special ids, byte fallback,
+    ``<s>`` prepended, vocab ``TINY_VOCAB_SIZE``; the same result on every run."""
+    pieces, merges = _train_pieces(corpus)
     core = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN] + [f"<0x{b:02X}>" for b in range(256)]
     vocab = {tok: i for i, tok in enumerate(core + pieces)}
     if len(vocab) != TINY_VOCAB_SIZE - 2:
-        raise RuntimeError(f"tiny tokenizer trained {len(vocab)} base pieces, expected {TINY_VOCAB_SIZE - 2}")
+        raise RuntimeError(f"the tokenizer trained {len(vocab)} base pieces, expected {TINY_VOCAB_SIZE - 2}")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = _metaspace()
     tok.decoder = decoders.Sequence(
@@ -110,11 +111,22 @@ def build_tiny_tokenizer() -> Tokenizer:
     return tok
 
 
+def build_tiny_tokenizer() -> Tokenizer:
+    """Build the tiny tokenizer; the same result on every run."""
+    return build_bpe_tokenizer(_corpus())
+
+
 def save_tiny_tokenizer(out_dir: pathlib.Path) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
+    save_tokenizer_files(build_tiny_tokenizer(), out_dir)
+
+
+def save_tokenizer_files(tok: Tokenizer, out_dir) -> None:
+    """Write ``tok`` as tokenizer.json plus the tokenizer_config.json and special_tokens_map.json
+    that transformers' ``PreTrainedTokenizerFast`` (and feather_runtime) read."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_tiny_tokenizer().save(str(out_dir / "tokenizer.json"))
+    tok.save(str(out_dir / "tokenizer.json"))
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": UNK_TOKEN, "pad_token": PAD_TOKEN}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -36,4 +36,8 @@ def test_install_modes(tmp_path, editable):
     else:
         assert "site-packages" in runtime and runtime.endswith("feather_runtime/__init__.py")
         assert "site-packages" in export
+        # the trained default model ships inside the package (feather-export build needs it)
+        assets = Path(export).parent / "assets" / "tiny-shapes"
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json"):
+            assert (assets / name).is_file(), name
     assert (tmp_path / "venv" / "bin" / "feather-export").is_file()

@@ -17,6 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+# what the trained tiny-shapes model answers about examples/shapes.png (a held-out test-split scene)
+EXAMPLE_ANSWER = "top left"
 FALLBACK_QUICKSTART = [
     "feather-export build --out art",
     'feather-export run art --image examples/shapes.png --prompt "Where is the red square?"',
@@ -72,10 +74,12 @@ def test_quickstart_build(quickstart):
     assert "Traceback" not in proc.stderr
     assert "built" in proc.stdout and str(art) in proc.stdout
     manifest = json.loads((art / "feather.json").read_text())
-    # the README promises the tiny default model with FEATHER at budget 144
-    assert manifest["model"]["id"] == "tiny"
+    # the README promises the trained tiny-shapes model with FEATHER at its default budget
+    # (a quarter of the 16 x 16 = 256 image tokens, as 144 is of LLaVA-1.5's 576)
+    assert manifest["model"]["id"] == "tiny-shapes"
+    assert manifest["model"]["num_image_tokens"] == 256
     assert manifest["prune"]["method"] == "feather"
-    assert manifest["prune"]["stages"][0]["keep"] == 144
+    assert manifest["prune"]["stages"][0]["keep"] == 64
 
 
 def test_quickstart_run_streams_an_answer(quickstart):
@@ -85,19 +89,39 @@ def test_quickstart_run_streams_an_answer(quickstart):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     answer = proc.stdout.rstrip("\n")
-    assert answer, "the run command printed no answer"
+    # the trained default model answers the README's question about the example image correctly
+    assert answer == EXAMPLE_ANSWER, proc.stdout
     # the streamed answer is the same text --json reports
     proc_json = _feather([*run, "--json"])
     assert proc_json.returncode == 0, proc_json.stderr
     out = json.loads(proc_json.stdout)
     assert set(out) >= {"text", "token_ids", "kept", "timings"}
     assert out["text"] == answer
-    assert isinstance(out["token_ids"], list) and len(out["token_ids"]) == 64   # default bound
-    assert [len(k) for k in out["kept"]] == [144, 13]
+    assert isinstance(out["token_ids"], list) and 1 <= len(out["token_ids"]) <= 64   # stops at EOS
+    manifest = json.loads((art / "feather.json").read_text())
+    assert [len(k) for k in out["kept"]] == [s["keep"] for s in manifest["prune"]["stages"]]
     assert {"vision", "ttft", "selection", "decode_tokens_per_s"} <= set(out["timings"])
 
 
-@pytest.mark.parametrize("case", ["missing-artifact", "garbage-image", "bad-max-new-tokens"])
+def test_run_overlay_draws_every_stage(quickstart, tmp_path):
+    from PIL import Image
+
+    from feather_export.overlay import PANEL
+
+    art, _, run, build_proc = quickstart
+    assert build_proc.returncode == 0, build_proc.stderr
+    png = tmp_path / "kept.png"
+    proc = _feather([*run, "--overlay", str(png)])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == EXAMPLE_ANSWER
+    stages = json.loads((art / "feather.json").read_text())["prune"]["stages"]
+    with Image.open(png) as im:                       # the input, then one panel per stage
+        assert im.format == "PNG"
+        assert im.width == PANEL * (len(stages) + 1) + 4 * len(stages)
+
+
+@pytest.mark.parametrize("case", ["missing-artifact", "garbage-image", "bad-max-new-tokens",
+                                  "overlay-missing-dir", "overlay-not-png"])
 def test_cli_user_errors_are_one_line(quickstart, tmp_path, case):
     art = quickstart[0]
     image = "examples/shapes.png"
@@ -109,9 +133,15 @@ def test_cli_user_errors_are_one_line(quickstart, tmp_path, case):
         image = tmp_path / "garbage.png"
         image.write_bytes(os.urandom(100))
         phrase = "cannot read image"
-    else:
+    elif case == "bad-max-new-tokens":
         args += ["--max-new-tokens", "100000"]
         phrase = "max_new_tokens must be between"
+    elif case == "overlay-missing-dir":
+        args += ["--overlay", str(tmp_path / "no-such-dir" / "kept.png")]
+        phrase = "does not exist"
+    else:
+        args += ["--overlay", str(tmp_path / "kept.jpg")]
+        phrase = "give a path ending in .png"
     proc = _feather([*args, "--image", str(image)])
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr

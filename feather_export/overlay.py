@@ -1,0 +1,125 @@
+"""Kept-token overlays: which image patches each pruning stage kept, drawn over the image.
+
+``draw_overlay(image, kept_per_stage, grid_side, out_png)`` writes one PNG with a panel per stage
+(the input image first); dropped patches are dimmed, kept ones outlined. Pillow + numpy only, so
+the runtime side (``feather-export run --overlay``) needs nothing else.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from feather_runtime.errors import FeatherError
+
+PANEL = 336                        # px per panel side
+_DIM = 0.25                        # brightness of dropped patches
+_KEPT_OUTLINE = (255, 40, 200)
+_LABEL_H = 18
+
+
+def square_view(image, size: int | None = None):
+    """The image as the CLIP preprocessor frames it: shortest edge resized, centre crop, RGB."""
+    from PIL import Image
+
+    from feather_runtime.preprocess import load_image
+
+    pil = load_image(image)
+    short = min(pil.size)
+    size = size or short
+    scale = size / short
+    width, height = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
+    pil = pil.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return pil.crop((left, top, left + size, top + size))
+
+
+def view_from_pixels(pixel_values: np.ndarray, mean: Sequence[float], std: Sequence[float]):
+    """Undo rescale + normalization of preprocessed pixels [1, 3, H, W]: exactly what the model saw."""
+    from PIL import Image
+
+    px = np.asarray(pixel_values, dtype=np.float32).reshape(3, *np.shape(pixel_values)[-2:])
+    rgb = px * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
+    return Image.fromarray(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+def _check(kept_per_stage, grid_side: int) -> list[np.ndarray]:
+    if isinstance(grid_side, bool) or not isinstance(grid_side, (int, np.integer)) or grid_side < 1:
+        raise FeatherError(f"grid_side must be a positive integer, got {grid_side!r}")
+    n = int(grid_side) ** 2
+    stages = []
+    for i, kept in enumerate(kept_per_stage or ()):
+        arr = np.asarray(kept, dtype=np.int64).reshape(-1)
+        if arr.size and (arr.min() < 0 or arr.max() >= n):
+            raise FeatherError(f"stage {i + 1} keeps index {int(arr.max() if arr.max() >= n else arr.min())}, "
+                               f"outside the {grid_side} x {grid_side} grid (0..{n - 1})")
+        stages.append(arr)
+    return stages
+
+
+def _panel(view, kept: np.ndarray | None, grid_side: int, label: str):
+    from PIL import Image, ImageDraw
+
+    base = view.resize((PANEL, PANEL), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (PANEL, PANEL + _LABEL_H), (255, 255, 255))
+    cell = PANEL / grid_side
+    if kept is not None:
+        mask = np.zeros(grid_side * grid_side, bool)
+        mask[kept] = True
+        pixels = np.asarray(base, dtype=np.float32)
+        rows = np.minimum((np.arange(PANEL) / cell).astype(int), grid_side - 1)
+        keep_px = mask.reshape(grid_side, grid_side)[rows][:, rows]
+        pixels[~keep_px] *= _DIM
+        base = Image.fromarray(pixels.astype(np.uint8))
+        draw = ImageDraw.Draw(base)
+        for index in kept:
+            r, c = divmod(int(index), grid_side)
+            draw.rectangle((round(c * cell), round(r * cell), round((c + 1) * cell) - 1,
+                            round((r + 1) * cell) - 1), outline=_KEPT_OUTLINE)
+    canvas.paste(base, (0, _LABEL_H))
+    ImageDraw.Draw(canvas).text((4, 3), label, fill=(0, 0, 0))
+    return canvas
+
+
+def draw_overlay(image, kept_per_stage, grid_side: int, out_png: str | os.PathLike,
+                 title: str | None = None, image_size: int | None = None) -> Path:
+    """Write ``out_png``: the (square, preprocessed-framing) image, then one panel per stage.
+
+    ``kept_per_stage``: original image-token indices (row-major on the ``grid_side`` grid) kept by
+    each stage, as ``Result.kept`` / ``ReferenceResult.kept`` give them; empty for no pruning.
+    ``image``: a path, PIL image or uint8 array; non-square images are framed like the CLIP
+    preprocessor (shortest edge, centre crop) at ``image_size`` (default: the short side).
+    """
+    from PIL import Image, ImageDraw
+
+    stages = _check(kept_per_stage, grid_side)
+    view = square_view(image, image_size)
+    total = grid_side * grid_side
+    panels = [_panel(view, None, grid_side, "input")]
+    for i, kept in enumerate(stages):
+        panels.append(_panel(view, kept, grid_side, f"stage {i + 1}: {kept.size}/{total} kept"))
+    head = _LABEL_H if title else 0
+    sheet = Image.new("RGB", (PANEL * len(panels) + 4 * (len(panels) - 1), PANEL + _LABEL_H + head),
+                      (255, 255, 255))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (i * (PANEL + 4), head))
+    if title:
+        ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0))
+    out = Path(out_png)
+    if out.parent and not out.parent.exists():
+        raise FeatherError(f"cannot write {out}: the directory {out.parent} does not exist")
+    sheet.save(out, format="PNG")
+    return out
+
+
+def draw_pipeline_overlay(pipe, image, result, out_png: str | os.PathLike, title: str | None = None) -> Path:
+    """``draw_overlay`` for a ``feather_runtime.Pipeline`` result, on exactly the pixels the model saw."""
+    pre = pipe.preprocessor
+    if not pre.do_rescale:
+        raise FeatherError("overlays need a preprocessor that rescales to 0..1 (do_rescale=true)")
+    pixels = pre(image)
+    view = view_from_pixels(pixels, pre.image_mean if pre.do_normalize else (0, 0, 0),
+                            pre.image_std if pre.do_normalize else (1, 1, 1))
+    return draw_overlay(view, result.kept, pipe.manifest["model"]["grid_side"], out_png, title=title)

@@ -1,0 +1,150 @@
+"""The quality evaluator: the committed tiny-shapes checkpoint answers; the plumbing on a random model."""
+import json
+
+import numpy as np
+import pytest
+
+from feather_export.errors import FeatherError
+from feather_export.evaluate import (EvalConfig, EvalOptions, accuracy_table,
+                                     default_budgets, evaluate, format_table, is_correct,
+                                     object_patches, parse_budgets, parse_engines, parse_methods,
+                                     patch_band, plan_configs)
+from feather_export.models import TINY_SHAPES_DIR as DEFAULT_MODEL_DIR
+from feather_export.synthetic import make_samples
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """A randomly initialised model of the tiny-shapes architecture on an 8 x 8 grid (fast)."""
+    from feather_export.train_tiny import ModelSpec, save_untrained
+
+    spec = ModelSpec(image_size=112, patch_size=14, vision_hidden=32, hidden=32, intermediate=64)
+    return save_untrained(tmp_path_factory.mktemp("rand") / "model", spec, seed=1)
+
+
+def test_committed_checkpoint_answers_the_test_split():
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").is_file(), "the trained checkpoint is committed"
+    res = evaluate(EvalOptions(methods=("none",), n=12, engines=("onnx", "reference"), threads=1),
+                   progress=lambda m: None)
+    (row,) = res["configs"]
+    for engine in ("onnx", "reference"):
+        assert row["engines"][engine]["all"]["accuracy"] >= 10 / 12
+    assert row["onnx_reference_agreement"]["token_ids"] == 1.0
+
+
+def test_plumbing_every_method_both_engines_and_outputs(random_model, tmp_path):
+    out = tmp_path / "eval"
+    res = evaluate(EvalOptions(model=str(random_model), budgets=(16, 8), n=4, out=str(out),
+                               overlays=2, threads=1), progress=lambda m: None)
+    assert [c["name"] for c in res["configs"]] == [
+        "none", "feather@16", "feather@8", "fastv@16", "fastv@8", "fastervlm@16", "fastervlm@8"]
+    assert res["num_image_tokens"] == 64 and res["n"] == 4
+    for row in res["configs"]:
+        # the exported artifact and the PyTorch reference generate the same tokens and keep the same set
+        assert row["onnx_reference_agreement"] == {"token_ids": 1.0, "kept": 1.0}
+        for r in row["engines"].values():
+            assert r["all"]["n"] == 4 and 0 <= r["all"]["accuracy"] <= 1
+            if row["method"] != "none":
+                assert abs(sum(r["kept_share_by_band"].values()) - 1) < 1e-6
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["configs"] == json.loads(json.dumps(res["configs"]))
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+    assert "feather@16" in (out / "table.txt").read_text()
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(overlays) == 2 * len(res["configs"])
+    for config in res["configs"]:           # two examples per configuration, named by config
+        stem = config["name"].replace("@", "_b")
+        assert sum(name.startswith(f"{stem}_ex") for name in overlays) == 2, (stem, overlays)
+    from PIL import Image
+
+    with Image.open(out / "overlays" / next(n for n in overlays if n.startswith("fastv_b8_ex0"))) as im:
+        assert im.width > im.height          # the input panel and the stage's panel side by side
+
+
+def test_default_budgets_are_llava_fractions():
+    assert default_budgets(576) == (144, 64, 32)
+    assert default_budgets(256) == (64, 28, 14)
+
+
+def test_plan_configs_validates_against_the_model():
+    from feather_export.config import ModelGeometry
+
+    geo = ModelGeometry(4, 256, 16)
+    configs = plan_configs(("fastv", "none"), (64, 14), geo)
+    assert configs == [EvalConfig("none", None), EvalConfig("fastv", 64), EvalConfig("fastv", 14)]
+    with pytest.raises(FeatherError, match="fastv at budget 300"):
+        plan_configs(("fastv",), (300,), geo)
+
+
+@pytest.mark.parametrize("call", [lambda: parse_methods("feather,btp"), lambda: parse_methods(" , "),
+                                  lambda: parse_budgets("64,x"), lambda: parse_budgets("0"),
+                                  lambda: parse_engines("trt")])
+def test_bad_option_strings_are_user_errors(call):
+    with pytest.raises(FeatherError):
+        call()
+
+
+def test_option_parsing():
+    assert parse_methods("FastV, none,fastv") == ("fastv", "none")
+    assert parse_budgets("64, 28,64") == (64, 28)
+    assert parse_engines("both") == ("onnx", "reference")
+
+
+def test_scoring_helpers():
+    samples = make_samples("test", 40)
+    assert all(is_correct(s, f" {s.answer}. ") for s in samples)
+    assert not is_correct(samples[0], samples[0].answer + " x")
+    table = accuracy_table(samples, [s.qtype != "count" for s in samples])
+    assert table["by_type"]["count"]["accuracy"] == 0.0 and table["by_type"]["where"]["accuracy"] == 1.0
+    assert sum(v["n"] for v in table["by_type"].values()) == 40
+    assert sum(v["n"] for v in table["by_band"].values()) == sum(s.band is not None for s in samples)
+    assert [patch_band(i, 16) for i in (0, 5 * 16, 6 * 16, 10 * 16, 11 * 16, 255)] == \
+        ["top", "middle", "middle", "middle", "bottom", "bottom"]
+    for s in samples:
+        if s.target is not None:
+            patches = object_patches(s, 16)
+            rows = {p // 16 for p in patches}
+            obj = s.scene.objects[s.target]
+            assert obj.cy // 14 in rows and {obj.cx // 14} <= {p % 16 for p in patches}
+
+
+def test_eval_through_the_feather_export_cli(random_model, tmp_path, capsys):
+    from feather_export.cli import main
+
+    assert main(["eval", "--model", str(random_model), "--methods", "none,fastv", "--budgets", "8",
+                 "--n", "2", "--engine", "reference", "--out", str(tmp_path / "o"), "--overlays", "0",
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "fastv@8" in printed and "reference" in printed
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["command"].startswith("feather-export eval ")
+    assert [c["name"] for c in results["configs"]] == ["none", "fastv@8"]
+    assert not np.any([p.name == "overlays" for p in (tmp_path / "o").iterdir()])
+
+
+@pytest.mark.parametrize("argv, phrase", [(["--methods", "none,btp"], "unknown method"),
+                                          (["--budgets", "64,x"], "not a comma-separated list"),
+                                          (["--n", "0"], "--n must be a positive integer")])
+def test_eval_cli_user_errors_are_one_line(random_model, capsys, argv, phrase):
+    from feather_export.cli import main
+
+    assert main(["eval", "--model", str(random_model), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("feather-export: error:") and phrase in err[0]
+
+
+def test_missing_model_is_a_user_error(tmp_path):
+    with pytest.raises(FeatherError):
+        evaluate(EvalOptions(model=str(tmp_path / "nope"), n=1), progress=lambda m: None)
+
+
+def test_format_table_marks_empty_cells():
+    from feather_export.evaluate import BANDS
+
+    row = {"name": "none", "method": "none", "budget": None, "engines": {"onnx": {
+        "all": {"accuracy": 0.5, "n": 2},
+        "by_type": {t: {"accuracy": None, "n": 0} for t in ("colour", "count", "where")},
+        "by_band": {b: {"accuracy": None, "n": 0} for b in BANDS}, "seconds": 0.1}}}
+    text = format_table({"n": 2, "split": "test", "num_image_tokens": 64, "budget_note": "x",
+                         "configs": [row]})
+    assert " 50.0 " in text and "  -  " in text
