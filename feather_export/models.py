@@ -5,6 +5,7 @@ safetensors weights, ``tokenizer.json`` and ``preprocessor_config.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -121,19 +122,27 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
         raise FeatherError(f"{out} exists and is not empty; choose a new directory")
     model = build_tiny_model(name)
     _quiet_transformers()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tiny_tokenizer(tmp)
         write_preprocessor_config(tmp, TINY_MODELS[name].image_size)
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """Yield a fresh sibling temp dir to write into; on success it becomes ``out`` (absent or
+    empty), on any error it is removed, so nothing half-written is left at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def geometry_of(config) -> ModelGeometry:

@@ -16,9 +16,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from feather_runtime.prompt import format_prompt
 
 from .errors import FeatherError
+from .models import staged_dir
 from .synthetic import Sample, make_conversation, make_samples
 from .train_aux import aux_losses, make_heads
 
@@ -341,94 +340,87 @@ def train(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
     if opts.steps < 1 or opts.batch_size < 1 or opts.turns < 1 or opts.vision_steps < 0:
         raise FeatherError("--steps, --batch-size and --turns must be at least 1, --vision-steps >= 0")
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        _write_static_files(tmp, opts.spec)
-        model = build_model(opts.spec, opts.seed)
-        use_aux = max(opts.cls_aux_weight, opts.patch_aux_weight, opts.llm_aux_weight) > 0
-        encoder = Encoder(tmp, model.config.image_seq_length, aux=use_aux)
-        heads = make_heads(opts.spec.vision_hidden, opts.spec.hidden, encoder.grid)
-        params = list(model.parameters()) + (list(heads.parameters()) if use_aux else [])
-        weights = {"scene": opts.cls_aux_weight, "vision": opts.patch_aux_weight,
-                   "llm": opts.llm_aux_weight}
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=opts.lr, betas=(0.9, 0.98), eps=1e-8)
-        val = make_samples(EVAL_SPLIT, opts.eval_n, seed=opts.seed)
-        n_params = sum(p.numel() for p in model.parameters())
-        say(f"tiny-shapes: {n_params / 1e6:.2f} M parameters, {model.config.image_seq_length} image "
-            f"tokens, {opts.steps} steps x {opts.batch_size} samples, {torch.get_num_threads()} threads")
-        history = []
-        t0 = time.perf_counter()
-        model.train()
-        if opts.vision_steps:
-            history.append(pretrain_vision(model, heads, encoder, opts, say))
-        running, running_aux = [], {}
-        best = None                     # (val accuracy, step, state dict) with keep_best
-        for step in range(opts.steps):
-            start = step * opts.batch_size
-            batch = encoder.batch([make_conversation("train", start + j, opts.seed, opts.turns,
-                                                     opts.turn_weights)
-                                   for j in range(opts.batch_size)])
-            for group in optim.param_groups:
-                group["lr"] = _lr_at(step, opts)
-            logits, states, image = forward(model, batch)
-            loss = torch.nn.functional.cross_entropy(logits, batch.targets)
-            total = loss
-            if use_aux:
-                aux = aux_losses(heads, states, image, batch.aux)
-                total = loss + sum(weights[k.split(".")[0]] * v for k, v in aux.items())
-                for k, v in aux.items():
-                    running_aux.setdefault(k, []).append(float(v.detach()))
-            optim.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-            optim.step()
-            running.append(float(loss.detach()))
-            last = step + 1 == opts.steps
-            if (step + 1) % opts.eval_every == 0 or last:
-                acc = evaluate_split(model, encoder, val)
-                elapsed = time.perf_counter() - t0
-                entry = {"step": step + 1, "loss": float(np.mean(running)),
-                         "aux_losses": {k: round(float(np.mean(v)), 4) for k, v in running_aux.items()},
-                         "val": acc, "elapsed_s": round(elapsed, 1)}
-                history.append(entry)
-                running, running_aux = [], {}
-                types = " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "all")
-                aux_s = " ".join(f"{k} {v:.3f}" for k, v in entry["aux_losses"].items()
-                                 if k in ("scene", "vision.shape", "llm.shape", "llm.centre"))
-                say(f"step {step + 1:5d}/{opts.steps}  loss {entry['loss']:.4f}  val {acc['all']:.3f} "
-                    f"({types})  aux [{aux_s}]  lr {_lr_at(step, opts):.2e}  {elapsed / 60:.1f} min")
-                if opts.keep_best and (best is None or acc["all"] > best[0]):
-                    best = (acc["all"], step + 1,
-                            {k: v.detach().clone() for k, v in model.state_dict().items()})
-                if opts.snapshots:      # the latest weights, loadable beside the static files
-                    model.save_pretrained(tmp, safe_serialization=True)
-        wall = time.perf_counter() - t0
-        model.eval()
-        if best is not None:
-            model.load_state_dict(best[2])
-            say(f"keeping the weights of step {best[1]} (val {best[0]:.3f})")
-        model.save_pretrained(tmp, safe_serialization=True)
-        report = {"options": {k: v for k, v in asdict(opts).items() if k != "out"},
-                  "parameters": n_params, "wall_time_s": round(wall, 1),
-                  "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "saved_step": best[1] if best is not None else opts.steps,
-                  "saved_val": best[0] if best is not None else history[-1]["val"]["all"],
-                  "history": history}
-        (tmp / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out) as tmp:
+            if opts.threads:
+                torch.set_num_threads(opts.threads)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            _write_static_files(tmp, opts.spec)
+            model = build_model(opts.spec, opts.seed)
+            use_aux = max(opts.cls_aux_weight, opts.patch_aux_weight, opts.llm_aux_weight) > 0
+            encoder = Encoder(tmp, model.config.image_seq_length, aux=use_aux)
+            heads = make_heads(opts.spec.vision_hidden, opts.spec.hidden, encoder.grid)
+            params = list(model.parameters()) + (list(heads.parameters()) if use_aux else [])
+            weights = {"scene": opts.cls_aux_weight, "vision": opts.patch_aux_weight,
+                       "llm": opts.llm_aux_weight}
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=opts.lr, betas=(0.9, 0.98), eps=1e-8)
+            val = make_samples(EVAL_SPLIT, opts.eval_n, seed=opts.seed)
+            n_params = sum(p.numel() for p in model.parameters())
+            say(f"tiny-shapes: {n_params / 1e6:.2f} M parameters, {model.config.image_seq_length} image "
+                f"tokens, {opts.steps} steps x {opts.batch_size} samples, {torch.get_num_threads()} threads")
+            history = []
+            t0 = time.perf_counter()
+            model.train()
+            if opts.vision_steps:
+                history.append(pretrain_vision(model, heads, encoder, opts, say))
+            running, running_aux = [], {}
+            best = None                     # (val accuracy, step, state dict) with keep_best
+            for step in range(opts.steps):
+                start = step * opts.batch_size
+                batch = encoder.batch([make_conversation("train", start + j, opts.seed, opts.turns,
+                                                         opts.turn_weights)
+                                       for j in range(opts.batch_size)])
+                for group in optim.param_groups:
+                    group["lr"] = _lr_at(step, opts)
+                logits, states, image = forward(model, batch)
+                loss = torch.nn.functional.cross_entropy(logits, batch.targets)
+                total = loss
+                if use_aux:
+                    aux = aux_losses(heads, states, image, batch.aux)
+                    total = loss + sum(weights[k.split(".")[0]] * v for k, v in aux.items())
+                    for k, v in aux.items():
+                        running_aux.setdefault(k, []).append(float(v.detach()))
+                optim.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                optim.step()
+                running.append(float(loss.detach()))
+                last = step + 1 == opts.steps
+                if (step + 1) % opts.eval_every == 0 or last:
+                    acc = evaluate_split(model, encoder, val)
+                    elapsed = time.perf_counter() - t0
+                    entry = {"step": step + 1, "loss": float(np.mean(running)),
+                             "aux_losses": {k: round(float(np.mean(v)), 4) for k, v in running_aux.items()},
+                             "val": acc, "elapsed_s": round(elapsed, 1)}
+                    history.append(entry)
+                    running, running_aux = [], {}
+                    types = " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "all")
+                    aux_s = " ".join(f"{k} {v:.3f}" for k, v in entry["aux_losses"].items()
+                                     if k in ("scene", "vision.shape", "llm.shape", "llm.centre"))
+                    say(f"step {step + 1:5d}/{opts.steps}  loss {entry['loss']:.4f}  val {acc['all']:.3f} "
+                        f"({types})  aux [{aux_s}]  lr {_lr_at(step, opts):.2e}  {elapsed / 60:.1f} min")
+                    if opts.keep_best and (best is None or acc["all"] > best[0]):
+                        best = (acc["all"], step + 1,
+                                {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    if opts.snapshots:      # the latest weights, loadable beside the static files
+                        model.save_pretrained(tmp, safe_serialization=True)
+            wall = time.perf_counter() - t0
+            model.eval()
+            if best is not None:
+                model.load_state_dict(best[2])
+                say(f"keeping the weights of step {best[1]} (val {best[0]:.3f})")
+            model.save_pretrained(tmp, safe_serialization=True)
+            report = {"options": {k: v for k, v in asdict(opts).items() if k != "out"},
+                      "parameters": n_params, "wall_time_s": round(wall, 1),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "saved_step": best[1] if best is not None else opts.steps,
+                      "saved_val": best[0] if best is not None else history[-1]["val"]["all"],
+                      "history": history}
+            (tmp / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
