@@ -121,12 +121,7 @@ def write_plots(report: dict, out_dir) -> list[Path]:
                 [t["budget"] for t in by_method.get(method, [])], c, f"{method}: measured")
     if none_row:
         _points(ax, [none_row], [none["budget"]], "k", "none: measured")
-    ax.set_xlabel("image tokens kept by the first stage (budget)")
-    ax.set_ylabel("time to first token (s)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _finish(ax, "image tokens kept by the first stage (budget)", "time to first token (s)", title, zero_based=True)
     paths.append(_save(fig, out / "latency_vs_budget.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -146,11 +141,7 @@ def write_plots(report: dict, out_dir) -> list[Path]:
                             fmt="o", color=c, capsize=3)
         ax.plot([], [], "o", color=c, label=f"{method}: measured (p10-p90)")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("image tokens kept by the first stage (budget)")
-    ax.set_ylabel("TTFT speed-up vs none")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _finish(ax, "image tokens kept by the first stage (budget)", "TTFT speed-up vs none", title)
     paths.append(_save(fig, out / "speedup_vs_budget.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -169,11 +160,7 @@ def write_plots(report: dict, out_dir) -> list[Path]:
         ax.plot([p["past"] for p in pts], [(p["predicted_s"] + offset) * 1e3 for p in pts], "-",
                 color=c, alpha=0.6,
                 label=f"{label}: roofline step + median overhead (slope = attention term)")
-    ax.set_xlabel("unpruned cache length (tokens)")
-    ax.set_ylabel("decode step (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _finish(ax, "unpruned cache length (tokens)", "decode step (ms)", title)
     paths.append(_save(fig, out / "decode_step_vs_cache.png"))
 
     sweeps = {k: v["cache_sweep"] for k, v in report["per_target"].items()
@@ -186,14 +173,20 @@ def write_plots(report: dict, out_dir) -> list[Path]:
                     label=f"{label}: measured (synthetic cache)")
             ax.plot(sw["lengths"], [p * 1e3 for p in sw["predicted_s"]], "--", color=c,
                     alpha=0.6, label=f"{label}: roofline (weights + K/V read once)")
-        ax.set_xlabel("cache length of every span (tokens)")
-        ax.set_ylabel("decode step, decoder spans (ms)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _finish(ax, "cache length of every span (tokens)", "decode step, decoder spans (ms)", title, zero_based=True)
         paths.append(_save(fig, out / "decode_step_cache_sweep.png"))
     return paths
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str, zero_based: bool = False) -> None:
+    """Labels, title, legend and grid shared by every report plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if zero_based:
+        ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _points(ax, rows, xs, color, label):

@@ -334,7 +334,8 @@ def _cost(config: EvalConfig, geometry, text_config, text_tokens: int) -> dict:
                 counts, geometry.num_image_tokens, text_tokens, text_config.hidden_size, ffn), 4)}
 
 
-def _mean_text_tokens(model_dir: Path, samples: Sequence[Sample], num_image_tokens: int) -> int:
+def _mean_text_tokens(model_dir: Path, samples: Sequence[Sample]) -> int:
+    """Mean prompt length in text tokens (the prompt built with one image token, minus it)."""
     from feather_runtime.prompt import PromptBuilder
 
     builder = PromptBuilder.from_dir(model_dir)
@@ -346,7 +347,7 @@ def _run_configs(opts, model_dir, configs, samples, picks, out, geometry, say) -
     from .models import load_config
 
     text_config = load_config(model_dir).text_config
-    text_tokens = _mean_text_tokens(model_dir, samples, geometry.num_image_tokens)
+    text_tokens = _mean_text_tokens(model_dir, samples)
     reference = ReferenceEngine(model_dir) if "reference" in opts.engines else None
     t_start = time.perf_counter()
     rows = []

@@ -144,3 +144,4 @@ def test_committed_checkpoint_matches_this_code():
     # the saved weights are the best validation evaluation's, and that evaluation is in the history
     saved = [h for h in report["history"] if h.get("step") == report["saved_step"]]
     assert saved and saved[0]["val"]["all"] == report["saved_val"]
+    assert report["history"][-1]["val"]["all"] >= 0.95 and report["saved_val"] >= 0.95
