@@ -212,52 +212,27 @@ def resolve_device(key: str | None, backend_name: str, quick: bool = False,
 # ---- measurement ---------------------------------------------------------------------------------
 
 class _TimedRunner:
-    """Wraps a segment runner; logs (name, start, end, new tokens, past length) per call."""
+    """Wraps a segment runner; logs (name, start, end, new tokens, past length) per call. On a GPU
+    backend the end is when the call returned (the Pipeline synchronizes per segment in prefill
+    only), so decode steps are timed as a whole, by their ``embed`` boundaries."""
 
     def __init__(self, runner, log: list):
         self.runner, self.log, self.name = runner, log, runner.name
 
-    def run(self, feeds: dict) -> dict:
+    def run_device(self, inputs: dict) -> dict:
         seq = past = None
-        x = feeds.get("inputs_embeds", feeds.get("input_ids"))
+        x = inputs.get("inputs_embeds", inputs.get("input_ids"))
         if x is not None:
             seq = int(x.shape[1])
-        if "past_length" in feeds:                    # decoder spans: valid rows of the cache
-            past = int(feeds["past_length"])
+        if "past_length" in inputs:                   # decoder spans: valid rows of the cache
+            past = int(inputs["past_length"].host)
         t0 = time.perf_counter()
-        out = self.runner.run(feeds)
+        out = self.runner.run_device(inputs)
         self.log.append((self.name, t0, time.perf_counter(), seq, past))
         return out
 
-
-class ConfiguredOrtBackend:
-    """The runtime's ONNX Runtime backend with extra session config entries (``--ort-config``),
-    to measure runtime knobs such as ``session.intra_op.allow_spinning=0``."""
-
-    def __init__(self, base, entries):
-        if not hasattr(base, "providers"):
-            raise FeatherError(f"--ort-config applies to the ONNX Runtime backends, not {base.name}")
-        self.base, self.entries = base, tuple(entries)
-        self.name, self.providers, self.threads = base.name, base.providers, base.threads
-
-    def load(self, root, segment):
-        import onnxruntime as ort
-        from pathlib import Path
-
-        from feather_runtime.backends.onnxruntime import OnnxRuntimeRunner
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        for key, value in self.entries:
-            options.add_session_config_entry(key, value)
-        path = Path(root) / segment.file
-        try:
-            session = ort.InferenceSession(str(path), options, providers=self.providers)
-        except Exception as exc:  # noqa: BLE001 - a broken segment or config is a user error
-            raise FeatherError(f"ONNX Runtime could not load {path}: {exc}") from None
-        return OnnxRuntimeRunner(segment.name, session)
+    def run(self, feeds: dict) -> dict:
+        return self.runner.run(feeds)
 
 
 def parse_ort_config(items) -> tuple[tuple[str, str], ...]:
@@ -312,7 +287,9 @@ def run_bench(paths, options: BenchOptions, progress: Callable[[str], None] | No
                                f"--max-new-tokens {m['max_new_tokens']}; lower --gen-lengths")
     backend = get_backend(options.backend)
     if options.ort_config:
-        backend = ConfiguredOrtBackend(backend, options.ort_config)
+        if not hasattr(backend, "session_config"):
+            raise FeatherError(f"--ort-config applies to the ONNX Runtime backends, not {backend.name}")
+        backend.session_config = tuple(options.ort_config)
     if options.threads:
         if not hasattr(backend, "threads"):
             raise FeatherError(f"--threads is not supported by the {backend.name} backend")

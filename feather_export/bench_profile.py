@@ -12,30 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 
 
-class _ProfilingBackend:
-    name = "onnxruntime-cpu"
-
-    def __init__(self, out_dir: Path, providers=("CPUExecutionProvider",),
-                 threads: int | None = None):
-        self.out_dir, self.providers, self.sessions = out_dir, list(providers), {}
-        self.threads = threads
-
-    def load(self, root, segment):
-        import onnxruntime as ort
-        from feather_runtime.backends.onnxruntime import OnnxRuntimeRunner
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_profiling = True
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        options.profile_file_prefix = str(self.out_dir / segment.name)
-        session = ort.InferenceSession(str(Path(root) / segment.file), options,
-                                       providers=self.providers)
-        self.sessions[segment.name] = session
-        return OnnxRuntimeRunner(segment.name, session)
-
-
 def _matmul_flops(args: dict) -> float:
     """2 * (output elements) * K, with K the last dim of the first input (ORT lists only the
     activation when the weight is a prepacked initializer, so the output gives N)."""
@@ -81,12 +57,13 @@ def summarize_profile(path: Path) -> dict:
 def profile_prefill(artifact, out_dir, pixels, input_ids, threads: int | None = None) -> dict:
     """Profile one prefill of ``artifact``; profiles and a summary JSON land in ``out_dir``."""
     from feather_runtime import Pipeline
+    from feather_runtime.backends.onnxruntime import OnnxRuntimeBackend
     from feather_runtime.manifest import load_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact, verify=False)
-    backend = _ProfilingBackend(out, threads=threads)
+    backend = OnnxRuntimeBackend(device="cpu", threads=threads, profile_dir=out)
     runners = {seg.name: backend.load(manifest.root, seg) for seg in manifest.segments}
     pipe = Pipeline(manifest, backend, runners)
     pipe.generate_ids(pixels, input_ids, 1)                  # warm-up

@@ -1,10 +1,13 @@
-"""Preallocated (static) KV caches, one per decoder span, reused across steps and calls.
+"""Preallocated (static) KV caches, one per decoder span, in the backend's memory, reused across
+steps and calls.
 
 Buffers have the segments' layout [1, kv_heads, capacity, head_dim] (heads-first, as transformers).
-In decode the WHOLE buffer is fed (zero-copy, contiguous) together with ``past_length``, the number
-of valid rows; the graph masks the rest. In prefill the cache is empty: [1, kv_heads, 0, head_dim]
-and past_length 0. Each call's ``present.*`` outputs are only the new rows, written at
-``past_length``; nothing else is copied per step.
+In decode the WHOLE buffer is fed (bound by pointer: no copy, and a fixed address, so a decode
+step can be replayed as a CUDA graph) together with ``past_length``, the number of valid rows; the
+graph masks the rest. In prefill the cache is empty: [1, kv_heads, 0, head_dim] and past_length 0.
+Each call's ``present.*`` outputs are only the new rows; ``append`` writes them at ``past_length``
+with one strided copy per tensor (all heads at once: ``cudaMemcpy2D`` on CUDA). Nothing else is
+copied per step.
 """
 from __future__ import annotations
 
@@ -14,26 +17,36 @@ from .errors import FeatherError
 
 
 class SpanCache:
-    def __init__(self, layers: range, capacity: int, kv_heads: int, head_dim: int, dtype):
+    def __init__(self, memory, layers: range, capacity: int, kv_heads: int, head_dim: int, dtype):
+        self.memory = memory
         self.layers = layers
         self.capacity = capacity
+        self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (1, kv_heads, capacity, head_dim)
-        # zeros, not empty: masked rows still flow through the MatMuls and must be finite
-        self.keys = {i: np.zeros(shape, dtype) for i in layers}
-        self.values = {i: np.zeros(shape, dtype) for i in layers}
-        self._empty = np.zeros((1, kv_heads, 0, head_dim), dtype)
+        self.keys = {i: memory.empty(shape, dtype) for i in layers}
+        self.values = {i: memory.empty(shape, dtype) for i in layers}
+        for t in (*self.keys.values(), *self.values.values()):
+            memory.fill_zero(t)       # masked rows still flow through the MatMuls: keep them finite
+        self.row_bytes = head_dim * np.dtype(dtype).itemsize
+        self._past_length = memory.empty((), np.int64)     # fixed address, value set per call
         self.length = 0
 
     def reset(self) -> None:
         self.length = 0
 
     def feeds(self, prefill: bool) -> dict:
-        """Prefill: empty buffers and past_length 0. Decode: the whole buffers (no copy) and the
-        number of valid rows."""
-        feeds = {"past_length": np.asarray(0 if prefill else self.length, np.int64)}
+        """Prefill: empty views and past_length 0. Decode: the whole buffers and the number of
+        valid rows."""
+        past = self.memory.upload(np.asarray(0 if prefill else self.length, np.int64),
+                                  into=self._past_length)
+        feeds = {"past_length": past}
         for i in self.layers:
-            feeds[f"past_key_values.{i}.key"] = self._empty if prefill else self.keys[i]
-            feeds[f"past_key_values.{i}.value"] = self._empty if prefill else self.values[i]
+            key, value = self.keys[i], self.values[i]
+            if prefill:
+                empty = (1, self.kv_heads, 0, self.head_dim)
+                key, value = key.view(empty), value.view(empty)
+            feeds[f"past_key_values.{i}.key"] = key
+            feeds[f"past_key_values.{i}.value"] = value
         return feeds
 
     def append(self, outputs: dict) -> None:
@@ -42,7 +55,11 @@ class SpanCache:
         if end > self.capacity:
             raise FeatherError(f"the KV cache holds {self.capacity} tokens; this request needs "
                                f"{end}. Build the artifact with larger --max-text-tokens/--max-new-tokens")
+        row, offset = self.row_bytes, self.length * self.row_bytes
         for i in self.layers:
-            self.keys[i][:, :, self.length:end] = outputs[f"present.{i}.key"]
-            self.values[i][:, :, self.length:end] = outputs[f"present.{i}.value"]
+            for cache, present in ((self.keys[i], outputs[f"present.{i}.key"]),
+                                   (self.values[i], outputs[f"present.{i}.value"])):
+                # head h: new rows of present[0, h] -> cache[0, h, length:end]
+                self.memory.copy_rows(cache.ptr + offset, self.capacity * row, present.ptr,
+                                      new * row, new * row, self.kv_heads)
         self.length = end

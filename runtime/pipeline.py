@@ -1,7 +1,12 @@
 """``Pipeline``: prefill (vision -> embed+merge -> decoder spans with selection) and decode.
 
 Positions follow DESIGN §3: kept tokens keep their original positions and decoding continues after
-the last one (FasterVLM: contiguous positions of the shortened sequence). Calls are serialized by a
+the last one (FasterVLM: contiguous positions of the shortened sequence).
+
+Everything between segments stays in the backend's memory (device.py): a workspace allocated once
+(pixels, prompt ids, positions, the merged prompt, the decode token and position) and one static
+KV cache per span; segments read each other's outputs in place. The host uploads inputs and
+downloads the logits (every step) and the kept indices and last position (after prefill). Calls are serialized by a
 lock: a Pipeline can be shared between threads, one request runs at a time.
 """
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Pipeline:
             raise FeatherError(f"{manifest.root} holds {dtype} graphs; the ONNX Runtime backend runs "
                                "fp32 and fp16 artifacts")
         self.dtype = NUMPY_DTYPES[dtype]
+        self.memory = backend.memory
+        self.workspace = self._allocate_workspace()
         self.steps = self._plan_steps()
         self._preprocessor = self._prompt = None
 
@@ -84,14 +91,29 @@ class Pipeline:
                 continue
             nxt = segments[i + 1] if i + 1 < len(segments) else None
             select = nxt.name if nxt is not None and nxt.kind == "select" else None
-            cache = SpanCache(range(*seg.layers), limit + num_image, m["num_key_value_heads"],
-                              m["head_dim"], self.dtype)
+            cache = SpanCache(self.memory, range(*seg.layers), limit + num_image,
+                              m["num_key_value_heads"], m["head_dim"], self.dtype)
             passed = tuple(i["name"] for i in nxt.inputs
                            if i["name"] not in ("position_ids", "image_start")) if select else ()
             steps.append(_Step(seg.name, cache, select, passed))
             if select is not None:
                 num_image = self.stages[nxt.stage]["keep"]
         return steps
+
+    def _allocate_workspace(self) -> dict:
+        """Every host-to-device input gets a buffer of its largest shape, allocated once: nothing
+        is allocated per call or step, and decode inputs keep fixed addresses (CUDA graphs)."""
+        m = self.manifest["model"]
+        longest = self.manifest["max_text_tokens"] + self.num_image_tokens
+        size = m["image_size"]
+        shapes = {"pixel_values": ((1, 3, size, size), np.float32),
+                  "input_ids": ((1, longest), np.int64),
+                  "position_ids": ((1, longest), np.int64),
+                  "image_start": ((), np.int64),
+                  "hidden": ((1, longest, m["hidden_size"]), self.dtype),
+                  "token": ((1, 1), np.int64),
+                  "position": ((1, 1), np.int64)}
+        return {name: self.memory.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
     # ---- user inputs --------------------------------------------------------------------
     @property
@@ -232,26 +254,33 @@ class Pipeline:
                                f"{self.manifest['max_new_tokens']} for this artifact")
         return pixels, ids, int(where[0])
 
-    def _run(self, name: str, feeds: dict, timings: dict | None = None) -> dict:
+    def _run(self, name: str, inputs: dict, timings: dict | None = None) -> dict:
+        """Run one segment on device tensors. With ``timings`` (prefill) the memory is synchronized
+        so the time is the segment's own; decode steps are not synchronized per segment."""
         t = time.perf_counter()
-        out = self.runners[name].run(feeds)
+        out = self.runners[name].run_device(inputs)
         if timings is not None:
+            self.memory.synchronize()
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
         return out
 
     def _prefill(self, pixels, ids, start, timings):
-        n = self.num_image_tokens
-        vision = self._run("vision", {"pixel_values": pixels}, timings)
-        features, original = vision["image_features"], np.arange(n)
-        kept_all = []
+        mem, ws, n = self.memory, self.workspace, self.num_image_tokens
+        vision = self._run("vision", {"pixel_values": mem.upload(pixels, into=ws["pixel_values"])},
+                           timings)
+        features = vision["image_features"]
+        kept = []                        # device tensors; downloaded once prefill is enqueued
         if self.method == "fastervlm":
             sel = self._run("select_0", {"cls_scores": vision["cls_scores"],
                                          "image_features": features}, timings)
-            features, original = sel["pruned_image_features"], original[sel["kept"]]
-            kept_all.append(original.tolist())
-        embeds = self._run("embed", {"input_ids": ids}, timings)["inputs_embeds"]
-        hidden = np.concatenate([embeds[:, :start], features, embeds[:, start + n:]], axis=1)
-        positions = np.arange(hidden.shape[1], dtype=np.int64)[None]
+            features = sel["pruned_image_features"]
+            kept.append(sel["kept"])
+        embeds = self._run("embed", {"input_ids": mem.upload(ids, into=ws["input_ids"])},
+                           timings)["inputs_embeds"]
+        hidden = self._merge(embeds, features, start)
+        length = hidden.shape[1]
+        positions = mem.upload(np.arange(length, dtype=np.int64)[None], into=ws["position_ids"])
+        image_start = mem.upload(np.asarray(start, np.int64), into=ws["image_start"])
         for step in self.steps:
             step.cache.reset()
             out = self._run(step.span, {"inputs_embeds": hidden, "position_ids": positions,
@@ -261,24 +290,46 @@ class Pipeline:
                 logits = out["logits"]
                 continue
             sel = self._run(step.select, {**{name: out[name] for name in step.passed},
-                                          "position_ids": positions,
-                                          "image_start": np.asarray(start, np.int64)}, timings)
+                                          "position_ids": positions, "image_start": image_start},
+                            timings)
             hidden, positions = sel["pruned_hidden_states"], sel["pruned_position_ids"]
-            original = original[sel["kept"]]
-            kept_all.append(original.tolist())
+            kept.append(sel["kept"])
         timings["selection"] = sum(v for k, v in timings.items() if k.startswith("select_"))
-        return logits.reshape(-1), kept_all, int(positions[0, -1]) + 1
+        original, kept_all = np.arange(n), []
+        for k in kept:
+            original = original[mem.download(k)]
+            kept_all.append(original.tolist())
+        last_position = int(mem.download(positions)[0, -1])
+        return mem.download(logits).reshape(-1), kept_all, last_position + 1
+
+    def _merge(self, embeds, features, start: int):
+        """[text before the image | image features | text after] into the workspace's hidden
+        buffer: three contiguous device copies (batch 1)."""
+        if embeds.dtype != features.dtype:
+            raise FeatherError(f"the artifact's embed segment gives {embeds.dtype} and its vision "
+                               f"segment {features.dtype}; export it again")
+        n, kept = self.num_image_tokens, features.shape[1]
+        total = embeds.shape[1] - n + kept
+        row = embeds.shape[2] * embeds.dtype.itemsize
+        hidden = self.workspace["hidden"].view((1, total, embeds.shape[2]))
+        after = embeds.shape[1] - start - n
+        self.memory.copy(hidden.ptr, embeds.ptr, start * row)
+        self.memory.copy(hidden.ptr + start * row, features.ptr, kept * row)
+        self.memory.copy(hidden.ptr + (start + kept) * row, embeds.ptr + (start + n) * row,
+                         after * row)
+        return hidden
 
     def _decode_step(self, token: int, position: int) -> np.ndarray:
-        hidden = self._run("embed", {"input_ids": np.asarray([[token]], np.int64)})["inputs_embeds"]
-        pos = np.asarray([[position]], np.int64)
+        mem, ws = self.memory, self.workspace
+        ids = mem.upload(np.asarray([[token]], np.int64), into=ws["token"])
+        hidden = self._run("embed", {"input_ids": ids})["inputs_embeds"]
+        pos = mem.upload(np.asarray([[position]], np.int64), into=ws["position"])
         for step in self.steps:
             out = self._run(step.span, {"inputs_embeds": hidden, "position_ids": pos,
                                         **step.cache.feeds(prefill=False)})
             step.cache.append(out)
             hidden = out.get("hidden_states")
-        return out["logits"].reshape(-1)
-
+        return mem.download(out["logits"]).reshape(-1)
 
 
 def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:

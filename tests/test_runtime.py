@@ -208,6 +208,32 @@ def test_memory_flat_over_200_calls(tiny_models, pipeline):
     assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew {growth:.1f} MB over 200 calls"
 
 
+def test_decode_step_moves_only_new_rows(tiny_models, artifact):
+    """Through the backend's memory counters: a decode step uploads the token, its position and
+    one past_length per span, downloads the logits, and copies exactly the new K/V rows (never a
+    cache); this is the traffic the CUDA backends make too."""
+    model = tiny_models["tiny-gqa"]
+    pipe = Pipeline.load(artifact("tiny-gqa", "feather", budget=16))
+    pixels, ids = tiny_inputs(model, 1)
+    traffic = pipe.memory.traffic
+
+    def measure(tokens):
+        before = dict(traffic)
+        res = pipe.generate_ids(pixels, ids, tokens)
+        assert len(res.token_ids) == tokens
+        return {k: traffic[k] - before[k] for k in traffic}
+
+    one, eleven = measure(1), measure(11)
+    per_step = {k: (eleven[k] - one[k]) / 10 for k in traffic}
+    m = pipe.manifest["model"]
+    spans = sum(seg.kind == "decoder" for seg in pipe.manifest.segments)
+    assert per_step == {"h2d": 8 * (2 + spans), "d2h": 4 * m["vocab_size"],
+                        "d2d": 2 * m["num_layers"] * m["num_key_value_heads"] * m["head_dim"] * 4}
+    cache_bytes = sum(2 * len(s.cache.layers) * s.cache.keys[s.cache.layers[0]].nbytes
+                      for s in pipe.steps)
+    print(f"per decode step: {per_step} bytes; the caches hold {cache_bytes} bytes")
+
+
 # ---- 4. sampling --------------------------------------------------------------------------------
 
 def test_sampling_seeded_and_greedy_equivalents(tiny_models, pipeline):

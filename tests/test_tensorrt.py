@@ -130,11 +130,12 @@ def test_segments_match_onnxruntime(trt, workdir, inputs):
         _build(art)
     ort_pipe = Pipeline.load(art, backend="onnxruntime-cpu")
     calls = []
+    memory = ort_pipe.memory
     for name, runner in ort_pipe.runners.items():
-        def recording(feeds, _run=runner.run, _name=name):
-            calls.append((_name, {k: np.array(v) for k, v in feeds.items()}))
-            return _run(feeds)
-        runner.run = recording
+        def recording(inputs, _run=runner.run_device, _name=name):
+            calls.append((_name, {k: memory.download(v) for k, v in inputs.items()}))
+            return _run(inputs)
+        runner.run_device = recording
     pixels, ids = inputs
     ort_pipe.generate_ids(pixels, ids, max_new_tokens=4)
     trt_pipe = _trt_pipeline(art)
@@ -176,6 +177,23 @@ def test_pipeline_matches_onnxruntime(trt, workdir, inputs, method, kw):
     assert res.kept == ref.kept
     assert res.token_ids == ref.token_ids
     assert _rel_err(res.first_logits, ref.first_logits) <= FP32_TOL
+
+
+def test_decode_cuda_graphs(trt, workdir, inputs):
+    """Decode steps replay CUDA graphs (one capture per decode engine, then launches), and give
+    the same tokens as without graphs."""
+    art = _export(workdir, "b144", method="feather")
+    if not (art / "engines" / "engines.json").is_file():
+        _build(art)
+    pixels, ids = inputs
+    pipe = _trt_pipeline(art)
+    res = pipe.generate_ids(pixels, ids, NEW_TOKENS)
+    plain = _trt_pipeline(art, cuda_graphs=False).generate_ids(pixels, ids, NEW_TOKENS)
+    assert res.token_ids == plain.token_ids
+    decode = [r for r in pipe.runners.values() if "decode" in r.roles]
+    print({r.name: (r.graph_launches, r.graph_error) for r in decode})
+    assert all(r.graph_error is None for r in decode)
+    assert all(r.graph_launches == len(res.token_ids) - 2 for r in decode)
 
 
 @pytest.mark.parametrize("dtype,precision", [("fp16", None), ("fp32", "fp16")])

@@ -30,6 +30,12 @@ from feather_runtime.manifest import load_manifest
 
 OK = "cudaSuccess"
 
+try:                         # the real bindings (import fine without a GPU), to check the fakes
+    from cuda.bindings import runtime as REAL_CUDART
+    REAL_WHY = ""
+except Exception as exc:  # noqa: BLE001
+    REAL_CUDART, REAL_WHY = None, f"{type(exc).__name__}: {exc}"
+
 
 def _module(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
@@ -40,19 +46,37 @@ def _module(name: str) -> types.ModuleType:
 # ---- fake cuda-python -------------------------------------------------------------------------
 
 class FakeCuda:
+    """Device memory is host memory behind the allocation table, so every pointer TensorRT or a
+    copy is given can be checked against it. Stream capture records ``execute_async_v3`` calls;
+    launching the graph replays them with the addresses and shapes captured, as CUDA does."""
+
     def __init__(self):
         self.memory: dict[int, ctypes.Array] = {}
-        self.copies = {"H2D": 0, "D2H": 0}
+        self.copies = {"H2D": 0, "D2H": 0, "D2D": 0}
+        self.bytes = {"H2D": 0, "D2H": 0, "D2D": 0}
+        self.capturing: list | None = None          # calls recorded while a capture is open
+        self.graphs = {"captured": 0, "launched": 0, "live": 0}
+        self.fail_capture = False
         rt = _module("cuda.bindings.runtime")
         rt.cudaError_t = types.SimpleNamespace(cudaSuccess=OK)
         rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice="H2D",
-                                                  cudaMemcpyDeviceToHost="D2H")
+                                                  cudaMemcpyDeviceToHost="D2H",
+                                                  cudaMemcpyDeviceToDevice="D2D")
+        rt.cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal="local")
         rt.cudaMalloc = self.malloc
         rt.cudaFree = self.free
         rt.cudaMemcpyAsync = self.memcpy
+        rt.cudaMemcpy2DAsync = self.memcpy2d
+        rt.cudaMemsetAsync = self.memset
         rt.cudaStreamCreate = lambda: (OK, FakeStream())
         rt.cudaStreamSynchronize = lambda s: (self._stream(s), (OK,))[1]
         rt.cudaStreamDestroy = lambda s: (self._stream(s), (OK,))[1]
+        rt.cudaStreamBeginCapture = self.begin_capture
+        rt.cudaStreamEndCapture = self.end_capture
+        rt.cudaGraphInstantiate = self.instantiate
+        rt.cudaGraphLaunch = self.launch
+        rt.cudaGraphExecDestroy = self.destroy_exec
+        rt.cudaGraphDestroy = lambda g: (OK,)
         rt.cudaSetDevice = lambda d: (OK,)
         rt.cudaGetDevice = lambda: (OK, 0)
         rt.cudaGetDeviceProperties = lambda d: (OK, types.SimpleNamespace(
@@ -79,22 +103,86 @@ class FakeCuda:
                 return len(buf)
         raise AssertionError(f"{ptr:#x}+{n} is not inside a device allocation")
 
+    def _on_device(self, dst, src, n, kind):
+        assert self.capturing is None, "copies are not part of the captured graphs"
+        if kind in ("H2D", "D2D"):
+            self.device_size(dst, n)
+        if kind in ("D2H", "D2D"):
+            self.device_size(src, n)
+
     def memcpy(self, dst, src, count, kind, stream):
         assert isinstance(dst, int) and isinstance(src, int) and count > 0
         self._stream(stream)
-        self.device_size(dst if kind == "H2D" else src, count)
+        self._on_device(dst, src, count, kind)
         ctypes.memmove(dst, src, count)
         self.copies[kind] += 1
+        self.bytes[kind] += count
+        return (OK,)
+
+    def memcpy2d(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        assert all(isinstance(v, int) for v in (dst, dpitch, src, spitch, width, height))
+        assert width <= dpitch and width <= spitch and height > 0
+        self._stream(stream)
+        self._on_device(dst, src, dpitch * (height - 1) + width, "H2D")
+        self._on_device(dst, src, spitch * (height - 1) + width, "D2H")
+        for r in range(height):
+            ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+        self.copies[kind] += 1
+        self.bytes[kind] += width * height
+        return (OK,)
+
+    def memset(self, ptr, value, count, stream):
+        self._stream(stream)
+        self.device_size(ptr, count)
+        ctypes.memset(ptr, value, count)
+        return (OK,)
+
+    def begin_capture(self, stream, mode):
+        self._stream(stream)
+        assert mode == "local" and self.capturing is None
+        self.capturing = []
+        return (OK,)
+
+    def end_capture(self, stream):
+        self._stream(stream)
+        calls, self.capturing = self.capturing, None
+        return OK, FakeGraph(calls)
+
+    def instantiate(self, graph, flags):
+        assert isinstance(graph, FakeGraph) and flags == 0
+        if self.fail_capture:
+            return ("cudaErrorStreamCaptureUnsupported", None)
+        self.graphs["captured"] += 1
+        self.graphs["live"] += 1
+        return OK, graph
+
+    def launch(self, graph, stream):
+        self._stream(stream)
+        for replay in graph.calls:
+            replay()
+        self.graphs["launched"] += 1
+        return (OK,)
+
+    def destroy_exec(self, graph):
+        self.graphs["live"] -= 1
         return (OK,)
 
     def install(self, monkeypatch):
         cuda = _module("cuda")
         bindings = _module("cuda.bindings")
-        bindings.runtime = self.runtime
+        utils = _module("cuda.bindings.utils")           # cuda-bindings >= 13 stream handles
+        utils.get_cuda_native_handle = lambda obj: (self._stream(obj), int(obj))[1]
+        bindings.runtime, bindings.utils = self.runtime, utils
         cuda.bindings = bindings
         monkeypatch.setitem(sys.modules, "cuda", cuda)
         monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
         monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", self.runtime)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
+
+
+class FakeGraph:
+    def __init__(self, calls):
+        self.calls = calls
 
 
 class FakeStream:
@@ -265,20 +353,31 @@ class FakeContext:
         assert isinstance(stream_handle, int)
         assert self.memory and self.memory[1] >= self.engine.device_memory_size_v2
         cuda = self.engine.fake.cuda
+        if cuda.capturing is not None:                 # recorded with today's bindings
+            shapes, addresses = dict(self.shapes), dict(self.addresses)
+            cuda.capturing.append(lambda: self._execute(shapes, addresses))
+            return True
+        self._execute(self.shapes, self.addresses)
+        return True
+
+    def _execute(self, shapes, addresses):
+        cuda = self.engine.fake.cuda
+        self.addresses_seen = addresses
         feeds = {}
-        for name, shape in self.shapes.items():
+        for name, shape in shapes.items():
             dtype = np.dtype(self.engine.io[name][1])
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            raw = ctypes.string_at(self.addresses[name], nbytes) if nbytes else b""
+            if nbytes:
+                cuda.device_size(addresses[name], nbytes)
+            raw = ctypes.string_at(addresses[name], nbytes) if nbytes else b""
             feeds[name] = np.frombuffer(raw, dtype).reshape(shape).copy()
         names = [o.name for o in self.engine.session.get_outputs()]
         for name, value in zip(names, self.engine.session.run(None, feeds)):
             value = np.ascontiguousarray(value)
             if value.nbytes:
-                assert cuda.device_size(self.addresses[name], value.nbytes)
-                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+                assert cuda.device_size(addresses[name], value.nbytes)
+                ctypes.memmove(addresses[name], value.ctypes.data, value.nbytes)
         self.runs += 1
-        return True
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
@@ -427,22 +526,84 @@ def test_pipeline_on_fake_tensorrt_matches_onnxruntime(fakes, artifacts, tmp_pat
     pixels, ids = tiny_inputs(build_tiny_model("tiny"), seed=3)
     ref = Pipeline.load(art, backend="onnxruntime-cpu").generate_ids(pixels, ids, max_new_tokens=12)
     pipe = _trt_pipeline(art)
-    address_calls = sum(c.address_calls for c in fakes.trt.contexts)
     res = pipe.generate_ids(pixels, ids, max_new_tokens=12)
-    assert res.token_ids == ref.token_ids and res.kept == ref.kept
+    assert res.token_ids == ref.token_ids and res.kept == ref.kept and len(res.token_ids) == 12
     np.testing.assert_allclose(res.first_logits, ref.first_logits, rtol=0, atol=1e-6)
-    # bound once: no set_tensor_address during generation; decode ran on the decode contexts
-    assert sum(c.address_calls for c in fakes.trt.contexts) == address_calls
     decoder_contexts = [r.contexts for n, r in pipe.runners.items() if n.startswith("decoder")]
     assert all(len(cs) == 2 for cs in decoder_contexts)
-    assert all(cs[0].runs == 1 and cs[1].runs == len(res.token_ids) - 1 for cs in decoder_contexts)
+    assert all(cs[0].runs == 1 and cs[1].runs == 11 for cs in decoder_contexts)
     assert all(len(r.contexts) == 1 for n, r in pipe.runners.items() if n.startswith(("vision", "select")))
+    # decode: the first step runs and is captured, the next 10 replay the graph (embed + spans)
+    decode_runners = [r for r in pipe.runners.values() if "decode" in r.roles]
+    assert fakes.cuda.graphs["captured"] == len(decode_runners)
+    assert fakes.cuda.graphs["launched"] == 10 * len(decode_runners)
     # every context shares the backend's one scratch buffer
     assert len({c.memory for c in fakes.trt.contexts}) == 1
-    again = pipe.generate_ids(pixels, ids, max_new_tokens=12)         # state is reset per call
-    assert again.token_ids == ref.token_ids
+
+    # a second call: identical, binds nothing new (every address is the same), all decode steps
+    # replay graphs, and the host sees only token/position/past_length in and logits out
+    address_calls = sum(c.address_calls for c in fakes.trt.contexts)
+    launched, bytes_before = fakes.cuda.graphs["launched"], dict(fakes.cuda.bytes)
+    again = pipe.generate_ids(pixels, ids, max_new_tokens=12)
+    assert again.token_ids == ref.token_ids and again.kept == ref.kept
+    assert sum(c.address_calls for c in fakes.trt.contexts) == address_calls
+    assert fakes.cuda.graphs["launched"] - launched == 11 * len(decode_runners)
+    short = dict(fakes.cuda.bytes)
+    pipe.generate_ids(pixels, ids, max_new_tokens=2)
+    prefill_and_one = {k: fakes.cuda.bytes[k] - short[k] for k in short}
+    twelve = {k: short[k] - bytes_before[k] for k in short}
+    per_step = {k: (twelve[k] - prefill_and_one[k]) / 10 for k in short}
+    m = pipe.manifest["model"]
+    spans = len(decode_runners) - 1
+    assert per_step["H2D"] == 8 * (2 + spans)                 # token, position, past_length/span
+    assert per_step["D2H"] == 4 * m["vocab_size"]             # the logits
+    assert per_step["D2D"] == 2 * m["num_layers"] * m["num_key_value_heads"] * m["head_dim"] * 4
     pipe.backend.close()
-    assert fakes.cuda.memory == {}
+    assert fakes.cuda.memory == {} and fakes.cuda.graphs["live"] == 0
+
+
+def test_graphs_follow_the_bindings(fakes, artifacts, tmp_path):
+    """A graph replays only the bindings it captured: a new address runs (and captures) again,
+    so a stale graph can never read the wrong buffer."""
+    from feather_runtime.backends.tensorrt import TensorRTBackend
+
+    art = _copy(artifacts["b144"], tmp_path / "g")
+    trt_build.build_engines(art, progress=lambda m: None)
+    manifest = load_manifest(art)
+    backend = TensorRTBackend()
+    runner = backend.load(art, manifest.segment("embed"))
+    session = Pipeline.load(art, backend="onnxruntime-cpu").runners["embed"]
+    memory = backend.memory
+    a, b = memory.empty((1, 1), np.int64), memory.empty((1, 1), np.int64)
+    for step, (buffer, token) in enumerate([(a, 3), (a, 5), (a, 7), (b, 9), (b, 11), (a, 13)]):
+        memory.upload(np.asarray([[token]], np.int64), into=buffer)
+        got = memory.download(runner.run_device({"input_ids": buffer})["inputs_embeds"])
+        want = session.run({"input_ids": np.asarray([[token]], np.int64)})["inputs_embeds"]
+        np.testing.assert_array_equal(got, want)
+    # runs: a (capture), a, a (replays), b (capture), b (replay), a (capture)
+    assert fakes.cuda.graphs["captured"] == 3 and runner.graph_launches == 3
+    assert fakes.cuda.graphs["live"] == 1
+    backend.close()
+    assert fakes.cuda.graphs["live"] == 0
+
+
+def test_graph_capture_failure_falls_back(fakes, artifacts, tmp_path):
+    from feather_export.models import build_tiny_model
+
+    art = _copy(artifacts["b144"], tmp_path / "f")
+    trt_build.build_engines(art, progress=lambda m: None)
+    pixels, ids = tiny_inputs(build_tiny_model("tiny"), seed=4)
+    ref = Pipeline.load(art, backend="onnxruntime-cpu").generate_ids(pixels, ids, max_new_tokens=6)
+    fakes.cuda.fail_capture = True
+    pipe = _trt_pipeline(art)
+    assert pipe.generate_ids(pixels, ids, max_new_tokens=6).token_ids == ref.token_ids
+    assert fakes.cuda.graphs["launched"] == 0
+    assert all("cudaGraphInstantiate" in r.graph_error for r in pipe.runners.values()
+               if "decode" in r.roles)
+    off = _trt_pipeline(art, cuda_graphs=False)
+    fakes.cuda.fail_capture = False
+    assert off.generate_ids(pixels, ids, max_new_tokens=6).token_ids == ref.token_ids
+    assert fakes.cuda.graphs["captured"] == 0
 
 
 def test_backend_refusals(fakes, artifacts, tmp_path, monkeypatch):
@@ -518,6 +679,38 @@ def test_plugin_engines_load_the_library_first(fakes, artifacts, tmp_path, monke
     monkeypatch.setenv(PLUGIN_ENV, str(other))
     with pytest.raises(FeatherError, match="does not exist"):
         TensorRTBackend().load(art, manifest.segment("select_1"))
+
+
+def test_fake_cuda_matches_cuda_python_signatures():
+    """Every cuda-python call the backends make (as the fake implements it) exists in the real
+    cuda.bindings.runtime with the same number of arguments, and every enum member they use
+    exists: the calls are right without a GPU to make them on."""
+    import inspect
+    import re
+
+    if REAL_CUDART is None:
+        print(f"SKIP: cuda-python (cuda-bindings) is not importable: {REAL_WHY}")
+        pytest.skip(f"cuda-python (cuda-bindings) is not importable: {REAL_WHY}")
+    fake = FakeCuda().runtime
+    checked = []
+    for name, fn in vars(fake).items():
+        if not (name.startswith("cuda") and callable(fn)) or isinstance(fn, type):
+            continue
+        real = getattr(REAL_CUDART, name, None)
+        assert real is not None, f"cuda.bindings.runtime has no {name}"
+        match = re.match(rf"{name}\((.*)\)", (real.__doc__ or "").strip().splitlines()[0])
+        assert match, f"cannot read the signature of {name}: {real.__doc__[:80]!r}"
+        real_args = [a for a in match.group(1).split(",") if a.strip()]
+        assert len(inspect.signature(fn).parameters) == len(real_args), (name, match.group(1))
+        checked.append(name)
+    for enum, members in (("cudaMemcpyKind", ("cudaMemcpyHostToDevice", "cudaMemcpyDeviceToHost",
+                                              "cudaMemcpyDeviceToDevice")),
+                          ("cudaStreamCaptureMode", ("cudaStreamCaptureModeThreadLocal",)),
+                          ("cudaError_t", ("cudaSuccess",))):
+        for member in members:
+            assert hasattr(getattr(REAL_CUDART, enum), member), f"{enum}.{member}"
+    print(f"checked against cuda-bindings: {sorted(checked)}")
+    assert len(checked) >= 17
 
 
 def test_runtime_import_stays_light():

@@ -1,7 +1,9 @@
-"""Backends run one segment each, with one lifecycle: ``load`` -> ``runner.run(feeds)``.
+"""Backends run one segment each, with one lifecycle: ``load`` -> ``runner.run_device(inputs)``.
 
-A backend turns a manifest ``Segment`` into a ``SegmentRunner``. ONNX Runtime works everywhere;
-TensorRT plugs into the same interface.
+A backend owns a ``memory`` (feather_runtime.device: host memory for ONNX Runtime CPU, CUDA memory
+for ONNX Runtime CUDA and TensorRT) and turns a manifest ``Segment`` into a ``SegmentRunner`` that
+runs on ``Tensor``s in that memory, so the Pipeline chains segments without host round trips.
+ONNX Runtime works everywhere; TensorRT plugs into the same interface.
 """
 from __future__ import annotations
 
@@ -13,12 +15,18 @@ from ..errors import FeatherError
 class SegmentRunner(Protocol):
     name: str
 
+    def run_device(self, inputs: dict) -> dict:
+        """Run on named ``Tensor``s in the backend's memory; returns every output as a ``Tensor``
+        in that memory, valid until this runner runs again. May return before the work is done
+        (CUDA): ``memory.download``/``synchronize`` wait for it."""
+
     def run(self, feeds: dict) -> dict:
-        """Run the segment on named inputs; returns every output by name (host numpy arrays)."""
+        """Host numpy arrays in, host numpy arrays out (validation, sweeps)."""
 
 
 class Backend(Protocol):
     name: str
+    memory: object        # feather_runtime.device.HostMemory | CudaMemory
 
     def load(self, root, segment) -> SegmentRunner:
         """Load one segment of the artifact at ``root``."""

@@ -1,0 +1,50 @@
+"""cuda-python runtime helpers shared by the CUDA backends (ONNX Runtime CUDA, TensorRT).
+
+``cuda.bindings.runtime`` (cuda-python >= 12.6.1; the only layout in 13.x), falling back to
+``cuda.cudart`` (older 12.x). Nothing here imports cuda-python at module import time.
+"""
+from __future__ import annotations
+
+from ..errors import FeatherError
+
+
+def import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart      # cuda-python >= 12.6.1
+    except ImportError:
+        try:
+            from cuda import cudart                      # cuda-python < 12.6.1 (removed in 13.0)
+        except ImportError:
+            raise FeatherError("the CUDA backends need cuda-python for device memory (pip install "
+                               "'cuda-python>=12.6,<13' on CUDA 12 / JetPack 6, "
+                               "'cuda-python>=13' on CUDA 13)") from None
+    return cudart
+
+
+def check(cudart, result, what: str):
+    """Unpack a cuda-python ``(err, *values)`` tuple; a failure is a FeatherError."""
+    err, rest = result[0], result[1:]
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise FeatherError(f"CUDA error in {what}: {err}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
+def stream_handle(obj) -> int:
+    """The integer handle TensorRT's and ONNX Runtime's Python APIs take for a CUDA stream."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle   # cuda-bindings >= 13.0
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+def device_identity(device: int | None = None) -> dict:
+    """Name and compute capability of the current (or given) CUDA device."""
+    cudart = import_cudart()
+    if device is None:
+        device = check(cudart, cudart.cudaGetDevice(), "cudaGetDevice")
+    props = check(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+    return {"name": str(name), "compute_capability": f"{props.major}.{props.minor}"}
