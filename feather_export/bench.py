@@ -372,6 +372,7 @@ def cache_sweep(pipe, lengths, repeats: int = 3) -> dict:
 
     dtype = NUMPY_DTYPES[pipe.manifest["dtype"]]
     hidden = pipe.manifest["model"]["hidden_size"]
+    memory = pipe.memory              # the caches live where the backend runs (no host copies)
     out: dict = {"lengths": list(lengths), "spans": {}}
     for seg in pipe.manifest.segments:
         if seg.kind != "decoder":
@@ -386,13 +387,19 @@ def cache_sweep(pipe, lengths, repeats: int = 3) -> dict:
                 if spec["name"].startswith("past_key_values."):
                     kv_heads, head_dim = spec["shape"][1], spec["shape"][3]
                     feeds[spec["name"]] = np.zeros((1, kv_heads, length, head_dim), dtype)
-            runner.run(feeds)                                     # warm this shape
+            inputs = {name: memory.upload(value) for name, value in feeds.items()}  # once
+            del feeds
+            runner.run_device(inputs)                             # warm this shape
+            memory.synchronize()
             samples = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                runner.run(feeds)
+                runner.run_device(inputs)
+                memory.synchronize()
                 samples.append(time.perf_counter() - t)
             times.append(float(np.median(samples)))
+            for tensor in inputs.values():
+                memory.release(tensor)
         out["spans"][seg.name] = {"layers": list(seg.layers), "seconds": times}
     return out
 

@@ -17,6 +17,7 @@ only the new rows, never the cache.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def view(self, shape, offset_bytes: int = 0) -> "Tensor":
         """The same memory (from ``offset_bytes``) seen with another shape."""
@@ -58,7 +59,7 @@ class HostMemory:
 
     def empty(self, shape, dtype) -> Tensor:
         dtype = np.dtype(dtype)
-        nbytes = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1)
+        nbytes = max(math.prod(shape) * dtype.itemsize, 1)
         raw = np.empty(nbytes + ALIGNMENT, np.uint8)
         start = -raw.ctypes.data % ALIGNMENT
         return Tensor(raw.ctypes.data + start, tuple(int(d) for d in shape), dtype, owner=raw)
@@ -88,22 +89,18 @@ class HostMemory:
             return
         if width > min(dst_pitch, src_pitch):
             raise FeatherError(f"copy_rows: width {width} exceeds a pitch ({dst_pitch}, {src_pitch})")
-        src_view = _strided(src, src_pitch, width, rows)
-        dst_view = _strided(dst, dst_pitch, width, rows)
-        dst_view[...] = src_view
+        for r in range(rows):            # rows = KV heads: a handful of calls
+            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
         self.traffic["d2d"] += width * rows
 
     def fill_zero(self, tensor: Tensor) -> None:
         ctypes.memset(tensor.ptr, 0, tensor.nbytes)
 
+    def release(self, tensor: Tensor) -> None:
+        """Host allocations are freed with their last reference."""
+
     def synchronize(self) -> None:
         pass
-
-
-def _strided(ptr: int, pitch: int, width: int, rows: int) -> np.ndarray:
-    span = pitch * (rows - 1) + width
-    flat = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(ptr))
-    return np.lib.stride_tricks.as_strided(flat, (rows, width), (pitch, 1))
 
 
 def _contiguous(array) -> np.ndarray:
@@ -157,9 +154,15 @@ class CudaMemory:
         self._check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
         self._allocations.remove(ptr)
 
+    def release(self, tensor: Tensor) -> None:
+        """Free a tensor this memory allocated (``empty``/``upload``); synchronizes first."""
+        if tensor.ptr in self._allocations:
+            self.synchronize()
+            self.free(tensor.ptr)
+
     def empty(self, shape, dtype) -> Tensor:
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         return Tensor(self.malloc(nbytes), tuple(int(d) for d in shape), dtype)
 
     def _memcpy(self, dst: int, src: int, nbytes: int, kind: str) -> None:

@@ -234,6 +234,28 @@ def test_decode_step_moves_only_new_rows(tiny_models, artifact):
     print(f"per decode step: {per_step} bytes; the caches hold {cache_bytes} bytes")
 
 
+def test_onnxruntime_runner_rebinding(pipeline):
+    """I/O binding: new values at a bound address are read, new shapes get new outputs, and a
+    refused input is one FeatherError after which the runner works again."""
+    pipe = pipeline("tiny", "feather")
+    runner, mem = pipe.runners["embed"], pipe.memory
+    want = {t: runner.run({"input_ids": np.asarray([[t, t + 1]], np.int64)})["inputs_embeds"]
+            for t in (3, 5)}
+    buffer = mem.empty((1, 4), np.int64)
+    for t in (3, 5, 3):
+        ids = mem.upload(np.asarray([[t, t + 1]], np.int64), into=buffer)
+        got = mem.download(runner.run_device({"input_ids": ids})["inputs_embeds"])
+        np.testing.assert_array_equal(got, want[t])
+    one = mem.upload(np.asarray([[5]], np.int64), into=buffer)
+    np.testing.assert_array_equal(mem.download(runner.run_device({"input_ids": one})["inputs_embeds"]),
+                                  want[5][:, :1])
+    with pytest.raises(FeatherError, match="embed: ONNX Runtime failed"):
+        runner.run_device({"input_ids": mem.upload(np.asarray([[3]], np.int32))})
+    ids = mem.upload(np.asarray([[3, 4]], np.int64), into=buffer)
+    np.testing.assert_array_equal(mem.download(runner.run_device({"input_ids": ids})["inputs_embeds"]),
+                                  want[3])
+
+
 # ---- 4. sampling --------------------------------------------------------------------------------
 
 def test_sampling_seeded_and_greedy_equivalents(tiny_models, pipeline):

@@ -17,7 +17,8 @@ def import_cudart():
         except ImportError:
             raise FeatherError("the CUDA backends need cuda-python for device memory (pip install "
                                "'cuda-python>=12.6,<13' on CUDA 12 / JetPack 6, "
-                               "'cuda-python>=13' on CUDA 13)") from None
+                               "'cuda-python>=13' on CUDA 13), or run on the CPU "
+                               "(backend onnxruntime-cpu)") from None
     return cudart
 
 

@@ -83,6 +83,9 @@ class OnnxRuntimeRunner:
         self.memory = memory
         self.output_names = [o.name for o in session.get_outputs()]
         self._binding = session.io_binding()
+        self._reuse_inputs = memory.device_type == "cpu"
+        self._bound: dict = {}
+        self._shapes: dict | None = None
 
     def run(self, feeds: dict) -> dict:
         """Host numpy in, host numpy out (validation, sweeps; the Pipeline uses ``run_device``)."""
@@ -92,17 +95,35 @@ class OnnxRuntimeRunner:
         """Run on tensors in this backend's memory; the outputs are ONNX Runtime allocations on
         the same device, valid until this runner runs again."""
         memory, binding = self.memory, self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
-        for name, t in inputs.items():
+        # uploads on the memory's stream must land first: ONNX Runtime reads an input at bind
+        # time when a node on another device consumes it (e.g. a CPU shape op on CUDA)
+        memory.synchronize()
+        if self._reuse_inputs:
+            # CPU: binding wraps the pointer (no copy), so an input bound to the same address and
+            # shape reads its new values; only changed inputs are bound again
+            changed = {n: t for n, t in inputs.items() if self._bound.get(n) != (t.ptr, t.shape)}
+        else:
+            # CUDA: an input consumed on another device is copied when bound; bind every call
+            binding.clear_binding_inputs()
+            changed = inputs
+        for name, t in changed.items():
             binding.bind_input(name, memory.device_type, memory.device_id, t.dtype, list(t.shape),
                                t.ptr)
-        for name in self.output_names:
-            binding.bind_output(name, memory.device_type, memory.device_id)
-        memory.synchronize()          # uploads on the memory's stream land before ORT reads them
+        shapes = {n: t.shape for n, t in inputs.items()}
+        if shapes != self._shapes:
+            # new input shapes, new output shapes: ONNX Runtime allocates them. With the same
+            # shapes it writes into the previous call's outputs (valid until the next run anyway)
+            binding.clear_binding_outputs()
+            for name in self.output_names:
+                binding.bind_output(name, memory.device_type, memory.device_id)
+            self._shapes = shapes
+        self._bound = {n: (t.ptr, t.shape) for n, t in inputs.items()}
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # noqa: BLE001 - shapes/dtypes the graph refuses
+            self._bound, self._shapes = {}, None
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
             raise FeatherError(f"{self.name}: ONNX Runtime failed: {exc}") from None
         outputs = {}
         for name, value in zip(self.output_names, binding.get_outputs()):
