@@ -99,6 +99,9 @@ class HostMemory:
     def release(self, tensor: Tensor) -> None:
         """Host allocations are freed with their last reference."""
 
+    def close(self) -> None:
+        pass
+
     def synchronize(self) -> None:
         pass
 

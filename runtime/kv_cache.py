@@ -34,6 +34,12 @@ class SpanCache:
     def reset(self) -> None:
         self.length = 0
 
+    def release(self) -> None:
+        """Free the buffers (the cache cannot be used afterwards)."""
+        for t in (*self.keys.values(), *self.values.values(), self._past_length):
+            self.memory.release(t)
+        self.keys, self.values = {}, {}
+
     def feeds(self, prefill: bool) -> dict:
         """Prefill: empty views and past_length 0. Decode: the whole buffers and the number of
         valid rows."""

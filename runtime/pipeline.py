@@ -49,10 +49,14 @@ class _Step:
 
 
 class Pipeline:
-    def __init__(self, manifest: Manifest, backend, runners: dict):
+    def __init__(self, manifest: Manifest, backend, runners: dict, owns_backend: bool = False):
+        """``owns_backend``: ``close`` also closes the backend (``Pipeline.load`` creates one per
+        Pipeline; a backend passed in here may be shared and is left open)."""
         self.manifest = manifest
         self.backend = backend
         self.runners = runners
+        self.owns_backend = owns_backend
+        self.closed = False
         self._lock = threading.Lock()
         self._owner: int | None = None
         model = manifest["model"]
@@ -77,8 +81,34 @@ class Pipeline:
         """Open an artifact directory (checked against its manifest) with a backend."""
         manifest = load_manifest(path, verify=verify)
         chosen = get_backend(backend)
-        runners = {seg.name: chosen.load(manifest.root, seg) for seg in manifest.segments}
-        return cls(manifest, chosen, runners)
+        try:
+            runners = {seg.name: chosen.load(manifest.root, seg) for seg in manifest.segments}
+            return cls(manifest, chosen, runners, owns_backend=True)
+        except BaseException:
+            _close(chosen)
+            raise
+
+    def close(self) -> None:
+        """Free the workspace and KV caches (device memory on CUDA backends) and, for a Pipeline
+        from ``load``, the backend (sessions, engines, stream). Waits for a running request.
+        Also ``with Pipeline.load(...) as pipe:``."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            for tensor in self.workspace.values():
+                self.memory.release(tensor)
+            for step in self.steps:
+                step.cache.release()
+            self.workspace, self.steps, self.runners = {}, [], {}
+            if self.owns_backend:
+                _close(self.backend)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _plan_steps(self) -> list[_Step]:
         m = self.manifest["model"]
@@ -169,6 +199,10 @@ class Pipeline:
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
         pixel_values, input_ids, start = self._check_inputs(pixel_values, input_ids, max_new_tokens)
         self._acquire()
+        if self.closed:
+            self._owner = None
+            self._lock.release()
+            raise FeatherError("this Pipeline is closed; load the artifact again")
         try:
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
@@ -330,6 +364,12 @@ class Pipeline:
             step.cache.append(out)
             hidden = out.get("hidden_states")
         return mem.download(out["logits"]).reshape(-1)
+
+
+def _close(backend) -> None:
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
 
 
 def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:

@@ -64,4 +64,4 @@ def test_onnxruntime_cuda_matches_cpu(cuda_ready, tiny_models, tmp_path, method,
     assert decode["d2h"] == 4 * pipe.manifest["model"]["vocab_size"]
     spans = sum(seg.kind == "decoder" for seg in pipe.manifest.segments)
     assert decode["h2d"] == 8 * (2 + spans)
-    pipe.memory.close()
+    pipe.close()

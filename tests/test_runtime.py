@@ -256,6 +256,33 @@ def test_onnxruntime_runner_rebinding(pipeline):
                                   want[3])
 
 
+def test_cuda_binding_mode_on_cpu(tiny_models, artifact):
+    """The binding mode the CUDA provider uses (every input bound again on every call; ONNX
+    Runtime copies an input consumed on another device when it is bound), run on CPU: the same
+    tokens as the CPU mode, which binds only changed inputs."""
+    pixels, ids = tiny_inputs(tiny_models["tiny-gqa"], 3)
+    art = artifact("tiny-gqa", "fastv", budget=16)
+    ref = Pipeline.load(art).generate_ids(pixels, ids, NEW_TOKENS)
+    pipe = Pipeline.load(art)
+    for runner in pipe.runners.values():
+        runner._reuse_inputs = False
+    for _ in range(2):
+        res = pipe.generate_ids(pixels, ids, NEW_TOKENS)
+        assert _same(res, ref)
+
+
+def test_close_and_context_manager(tiny_models, artifact):
+    pixels, ids = tiny_inputs(tiny_models["tiny"], 0)
+    art = artifact("tiny", "feather")
+    with Pipeline.load(art) as pipe:
+        first = pipe.generate_ids(pixels, ids, 4)
+    assert pipe.closed and pipe.workspace == {} and pipe.steps == []
+    with pytest.raises(FeatherError, match="this Pipeline is closed"):
+        pipe.generate_ids(pixels, ids, 4)
+    pipe.close()                                                    # idempotent
+    assert Pipeline.load(art).generate_ids(pixels, ids, 4).token_ids == first.token_ids
+
+
 # ---- 4. sampling --------------------------------------------------------------------------------
 
 def test_sampling_seeded_and_greedy_equivalents(tiny_models, pipeline):

@@ -558,7 +558,14 @@ def test_pipeline_on_fake_tensorrt_matches_onnxruntime(fakes, artifacts, tmp_pat
     assert per_step["H2D"] == 8 * (2 + spans)                 # token, position, past_length/span
     assert per_step["D2H"] == 4 * m["vocab_size"]             # the logits
     assert per_step["D2D"] == 2 * m["num_layers"] * m["num_key_value_heads"] * m["head_dim"] * 4
+    live = len(fakes.cuda.memory)
+    pipe.close()                  # workspace and caches; the backend was passed in: left open
+    assert 0 < len(fakes.cuda.memory) < live
     pipe.backend.close()
+    assert fakes.cuda.memory == {} and fakes.cuda.graphs["live"] == 0
+    with Pipeline.load(art, backend="tensorrt") as owned:           # owns its backend
+        assert owned.generate_ids(pixels, ids, max_new_tokens=4).token_ids == ref.token_ids[:4]
+        assert fakes.cuda.graphs["live"] > 0
     assert fakes.cuda.memory == {} and fakes.cuda.graphs["live"] == 0
 
 

@@ -52,6 +52,11 @@ class OnnxRuntimeBackend:
         self.profile_dir = Path(profile_dir) if profile_dir is not None else None
         self.sessions: dict = {}
 
+    def close(self) -> None:
+        """Drop the sessions and free device memory (CUDA); runners must not be used afterwards."""
+        self.sessions.clear()
+        self.memory.close()
+
     def load(self, root, segment) -> "OnnxRuntimeRunner":
         import onnxruntime as ort
 
