@@ -25,6 +25,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated: none,feather,fastv,fastervlm (default: all)")
     p.add_argument("--budgets", help="comma-separated first-stage budgets (default: the grid's "
                    "equivalents of LLaVA-1.5's 144,64,32 of 576 tokens; 64,28,14 on a 16x16 grid)")
+    p.add_argument("--schedule", action="append", metavar="METHOD=LAYER:KEEP[,LAYER:KEEP]",
+                   help="also evaluate this explicit schedule (repeatable), e.g. --schedule "
+                        "feather=1:136 --schedule fastv=1:26 (equal-cost comparisons)")
     p.add_argument("--n", type=int, default=d.n, help=f"samples of the split (default {d.n})")
     p.add_argument("--engine", default="both", choices=["onnx", "reference", "both"])
     p.add_argument("--split", default=d.split, choices=["test", "val"])
@@ -38,10 +41,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import EvalOptions, evaluate, format_table, parse_budgets, parse_engines, parse_methods
+    from .evaluate import (EvalOptions, evaluate, format_table, parse_budgets, parse_engines,
+                           parse_methods, parse_schedules)
 
     opts = EvalOptions(model=args.model, methods=parse_methods(args.methods),
-                       budgets=parse_budgets(args.budgets) if args.budgets else None, n=args.n,
+                       budgets=parse_budgets(args.budgets) if args.budgets else None,
+                       schedules=parse_schedules(args.schedule), n=args.n,
                        engines=parse_engines(args.engine), seed=args.seed, split=args.split,
                        out=args.out, overlays=args.overlays, threads=args.threads)
     results = evaluate(opts, command=_command_line())

@@ -39,7 +39,7 @@ def series(results: dict, engine: str | None = None) -> tuple[dict, dict]:
             value = _value(r, key)
             if row["method"] == "none":
                 baseline[key] = 1.0 if key.startswith("objkept") else value
-            elif value is not None:
+            elif value is not None and row.get("schedule") is None:   # schedules: table only
                 lines[key].setdefault(row["method"], []).append((row["budget"], value))
     for per_method in lines.values():
         for points in per_method.values():

@@ -33,14 +33,30 @@ BANDS = ROWS                          # top / middle / bottom
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One configuration evaluated: a method and its first-stage budget (None for ``none``)."""
+    """One configuration evaluated: a method and its first-stage budget (None for ``none``), or
+    an explicit schedule (``LAYER:KEEP[,LAYER:KEEP]``; ``budget`` is then its first keep)."""
 
     method: str
     budget: int | None
+    schedule: str | None = None
 
     @property
     def name(self) -> str:
+        if self.schedule is not None:
+            return f"{self.method}[{self.schedule}]"
         return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+    @property
+    def file_name(self) -> str:
+        return self.name.replace("@", "_b").replace("[", "_s").replace("]", "").replace(
+            ":", "-").replace(",", "_")
+
+    def prune_config(self, geometry):
+        from .config import PruneConfig
+
+        if self.schedule is not None:
+            return PruneConfig.create(self.method, geometry, schedule=self.schedule)
+        return PruneConfig.create(self.method, geometry, budget=self.budget)
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class EvalOptions:
     model: str = DEFAULT_MODEL
     methods: tuple[str, ...] = METHODS
     budgets: tuple[int, ...] | None = None     # None: the grid's equivalents of 144 / 64 / 32
+    schedules: tuple[tuple[str, str], ...] = ()  # extra (method, "LAYER:KEEP,...") configurations
     n: int = 300
     engines: tuple[str, ...] = ENGINES
     seed: int = 0
@@ -94,6 +111,20 @@ def parse_budgets(text: str) -> tuple[int, ...]:
     return budgets
 
 
+def parse_schedules(items) -> tuple[tuple[str, str], ...]:
+    """``["feather=1:136", "fastv=1:26"]`` -> ((method, schedule), ...); the schedules themselves
+    are checked against the model in ``plan_configs``."""
+    out = []
+    for item in items or ():
+        method, sep, schedule = item.partition("=")
+        method, schedule = method.strip(), schedule.replace(" ", "")
+        if not sep or method not in METHODS or method == "none" or not schedule:
+            raise FeatherError(f"--schedule {item!r} is not METHOD=LAYER:KEEP[,LAYER:KEEP], e.g. "
+                               "--schedule feather=1:136 (METHOD one of feather, fastv, fastervlm)")
+        out.append((method, schedule))
+    return tuple(dict.fromkeys(out))
+
+
 def parse_engines(text: str) -> tuple[str, ...]:
     if text == "both":
         return ENGINES
@@ -108,22 +139,24 @@ def default_budgets(num_image_tokens: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(scaled))
 
 
-def plan_configs(methods: Sequence[str], budgets: Sequence[int], geometry) -> list[EvalConfig]:
-    """``none`` once, then every pruning method x budget; each validated against the model."""
-    from .config import PruneConfig
-
+def plan_configs(methods: Sequence[str], budgets: Sequence[int], geometry,
+                 schedules: Sequence[tuple[str, str]] = ()) -> list[EvalConfig]:
+    """``none`` once, then every pruning method x budget, then the explicit schedules; each
+    validated against the model."""
     configs = []
     if "none" in methods:
         configs.append(EvalConfig("none", None))
-    for method in methods:
-        if method == "none":
-            continue
-        for budget in budgets:
-            try:
-                PruneConfig.create(method, geometry, budget=budget)
-            except FeatherError as exc:
-                raise FeatherError(f"{method} at budget {budget}: {exc}") from None
-            configs.append(EvalConfig(method, budget))
+    candidates = [EvalConfig(m, b) for m in methods if m != "none" for b in budgets]
+    for method, schedule in schedules:
+        candidates.append(EvalConfig(method, None, schedule))
+    for config in candidates:
+        try:
+            prune = config.prune_config(geometry)
+        except FeatherError as exc:
+            raise FeatherError(f"{config.name}: {exc}") from None
+        if config.schedule is not None:
+            config = EvalConfig(config.method, prune.stages[0].keep, config.schedule)
+        configs.append(config)
     return configs
 
 
@@ -213,8 +246,9 @@ def run_onnx(model_dir: Path, config: EvalConfig, samples: Sequence[Sample], wor
     """Export ``config`` into ``work`` and answer every sample through feather_runtime."""
     from .export import ExportOptions, export
 
-    art = export(model_dir, work / config.name.replace("@", "_b"),
-                 ExportOptions(method=config.method, budget=config.budget,
+    budget = config.budget if config.schedule is None else None
+    art = export(model_dir, work / config.file_name,
+                 ExportOptions(method=config.method, budget=budget, schedule=config.schedule,
                                max_new_tokens=opts.max_new_tokens, max_text_tokens=64),
                  progress=lambda msg: None)
     pipe = _load_pipeline(art, opts.threads)
@@ -237,9 +271,10 @@ class ReferenceEngine:
         from feather_runtime.preprocess import ImagePreprocessor
         from feather_runtime.prompt import PromptBuilder
 
-        from .models import load_checkpoint
+        from .models import geometry_of, load_checkpoint
 
         self.model = load_checkpoint(model_dir)
+        self.geometry = geometry_of(self.model.config)
         self.preprocessor = ImagePreprocessor.from_dir(model_dir)
         self.builder = PromptBuilder.from_dir(model_dir)
         self._inputs: dict[int, tuple] = {}
@@ -258,8 +293,8 @@ class ReferenceEngine:
         t0 = time.perf_counter()
         for s in samples:
             pixels, ids = self.inputs(s)
-            res = reference_generate(self.model, pixels, ids, method=config.method,
-                                     budget=config.budget, max_new_tokens=max_new_tokens)
+            res = reference_generate(self.model, pixels, ids, config=config.prune_config(self.geometry),
+                                     max_new_tokens=max_new_tokens)
             run.predictions.append(Prediction(self.builder.decode(res.token_ids), list(res.token_ids),
                                               [list(k) for k in res.kept]))
         run.seconds = time.perf_counter() - t0
@@ -307,7 +342,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None,
     model_dir = check_checkpoint_dir(checkpoint_path(opts.model))
     geometry = geometry_of(load_config(model_dir))
     budgets = opts.budgets or default_budgets(geometry.num_image_tokens)
-    configs = plan_configs(opts.methods, budgets, geometry)
+    configs = plan_configs(opts.methods, budgets, geometry, opts.schedules)
     out = Path(opts.out) if opts.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +424,7 @@ def _results(opts, model_dir, geometry, budgets, samples, rows, seconds, command
         "num_image_tokens": geometry.num_image_tokens, "grid_side": geometry.grid_side,
         "num_layers": geometry.num_layers,
         "budgets": list(budgets),
+        "schedules": [f"{m}={sch}" for m, sch in opts.schedules],
         "budget_note": (f"first-stage budgets; the default is LLaVA-1.5's {'/'.join(map(str, LLAVA_BUDGETS))} "
                         f"of {LLAVA_IMAGE_TOKENS} scaled to {geometry.num_image_tokens} tokens"
                         if opts.budgets is None else "first-stage budgets as given"),
@@ -415,7 +451,7 @@ def _overlay_hook(config: EvalConfig, samples, picks, out: Path | None, grid_sid
         ok = "right" if is_correct(sample, result.text) else "wrong"
         where = f", {sample.band} band" if sample.band else ""
         title = f"{config.name}: {sample.question} -> {result.text!r} ({ok}; answer {sample.answer!r}{where})"
-        name = f"{config.name.replace('@', '_b')}_ex{n}_{sample.band or sample.qtype}.png"
+        name = f"{config.file_name}_ex{n}_{sample.band or sample.qtype}.png"
         draw_pipeline_overlay(pipe, image, result, out / "overlays" / name, title=title)
 
     return hook
@@ -423,9 +459,7 @@ def _overlay_hook(config: EvalConfig, samples, picks, out: Path | None, grid_sid
 
 def image_tokens_per_layer(config: EvalConfig, geometry) -> list[int]:
     """Image tokens in the input of each decoder layer under ``config``."""
-    from .config import PruneConfig
-
-    prune = PruneConfig.create(config.method, geometry, budget=config.budget)
+    prune = config.prune_config(geometry)
     counts = [geometry.num_image_tokens] * geometry.num_layers
     for stage in prune.stages:
         start = 0 if stage.criterion == "fastervlm" else stage.layer
@@ -445,7 +479,8 @@ def relative_prefill_flops(counts: Sequence[int], num_image_tokens: int, text_to
 
 def _score_config(config: EvalConfig, samples, runs: dict[str, EngineRun], grid_side: int,
                   cost: dict) -> dict:
-    row: dict = {"method": config.method, "budget": config.budget, "name": config.name, **cost,
+    row: dict = {"method": config.method, "budget": config.budget, "schedule": config.schedule,
+                 "name": config.name, **cost,
                  "engines": {}}
     for engine, run in runs.items():
         correct = [is_correct(s, p.text) for s, p in zip(samples, run.predictions)]
@@ -471,13 +506,13 @@ def _progress_line(row: dict) -> str:
         parts.append(f"{engine} {_fmt(r['all']['accuracy']).strip()}% ({r['seconds']:.0f}s)")
     agree = row.get("onnx_reference_agreement")
     tail = f", onnx=reference on {100 * agree['token_ids']:.1f}% of answers" if agree else ""
-    return f"  {row['name']:<14} " + ", ".join(parts) + tail
+    return f"  {row['name']:<20} " + ", ".join(parts) + tail
 
 
 def format_table(results: dict) -> str:
     """The terminal table: accuracy (%) per configuration and engine, by question type and band,
     then where the kept tokens are (object survival and token share per band, first/last stage)."""
-    head = (f"{'config':<14} {'engine':<9} {'all':>5} | {'colour':>6} {'count':>5} {'where':>5} | "
+    head = (f"{'config':<20} {'engine':<9} {'all':>5} | {'colour':>6} {'count':>5} {'where':>5} | "
             f"{'top':>5} {'middle':>6} {'bottom':>6} | obj kept 1st t/m/b | obj kept last t/m/b | "
             "kept 1st t/m/b")
     lines = [f"accuracy (%) on {results['n']} {results['split']} samples, "
@@ -490,7 +525,7 @@ def format_table(results: dict) -> str:
         for engine, r in row["engines"].items():
             t, b = r["by_type"], r["by_band"]
             lines.append(
-                f"{row['name']:<14} {engine:<9} {_fmt(r['all']['accuracy'])} | "
+                f"{row['name']:<20} {engine:<9} {_fmt(r['all']['accuracy'])} | "
                 f"{_fmt(t['colour']['accuracy']):>6} {_fmt(t['count']['accuracy'])} {_fmt(t['where']['accuracy'])} | "
                 f"{_fmt(b['top']['accuracy'])} {_fmt(b['middle']['accuracy']):>6} {_fmt(b['bottom']['accuracy']):>6} | "
                 f"{bands(r.get('object_kept_by_band_first')):<18} | {bands(r.get('object_kept_by_band')):<19} | "

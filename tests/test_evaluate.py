@@ -8,7 +8,7 @@ from feather_export.errors import FeatherError
 from feather_export.evaluate import (EvalConfig, EvalOptions, accuracy_table,
                                      default_budgets, evaluate, format_table, is_correct,
                                      object_patches, parse_budgets, parse_engines, parse_methods,
-                                     patch_band, plan_configs)
+                                     parse_schedules, patch_band, plan_configs)
 from feather_export.models import TINY_SHAPES_DIR as DEFAULT_MODEL_DIR
 from feather_export.synthetic import make_samples
 
@@ -72,8 +72,23 @@ def test_plan_configs_validates_against_the_model():
     geo = ModelGeometry(4, 256, 16)
     configs = plan_configs(("fastv", "none"), (64, 14), geo)
     assert configs == [EvalConfig("none", None), EvalConfig("fastv", 64), EvalConfig("fastv", 14)]
-    with pytest.raises(FeatherError, match="fastv at budget 300"):
+    with pytest.raises(FeatherError, match="fastv@300"):
         plan_configs(("fastv",), (300,), geo)
+    configs = plan_configs(("none",), (64,), geo, (("fastv", "1:26"), ("feather", "1:40,3:9")))
+    assert [c.name for c in configs] == ["none", "fastv[1:26]", "feather[1:40,3:9]"]
+    assert configs[1] == EvalConfig("fastv", 26, "1:26")            # budget = the first keep
+    assert configs[2].file_name == "feather_s1-40_3-9"
+    with pytest.raises(FeatherError, match=r"fastv\[9:10\]"):
+        plan_configs((), (64,), geo, (("fastv", "9:10"),))
+
+
+def test_schedule_parsing():
+    assert parse_schedules(["feather=1:136", "feather = 1:40, 3:9", "feather=1:136"]) == (
+        ("feather", "1:136"), ("feather", "1:40,3:9"))
+    assert parse_schedules(None) == ()
+    for bad in ("feather", "none=1:3", "btp=1:3", "feather="):
+        with pytest.raises(FeatherError, match="METHOD=LAYER:KEEP"):
+            parse_schedules([bad])
 
 
 @pytest.mark.parametrize("call", [lambda: parse_methods("feather,btp"), lambda: parse_methods(" , "),
@@ -122,7 +137,30 @@ def test_eval_through_the_feather_export_cli(random_model, tmp_path, capsys):
     assert not np.any([p.name == "overlays" for p in (tmp_path / "o").iterdir()])
 
 
+def test_eval_schedules_both_engines(random_model, tmp_path, capsys):
+    """Explicit schedules go through export and the reference alike (same tokens, same kept sets),
+    are costed from their own stages, named in the table and skipped by the budget plot."""
+    from feather_export.cli import main
+
+    assert main(["eval", "--model", str(random_model), "--methods", "none,fastv", "--budgets", "8",
+                 "--schedule", "feather=1:24,2:6", "--schedule", "fastv=1:10", "--n", "3",
+                 "--out", str(tmp_path / "o"), "--overlays", "1", "--threads", "1"]) == 0
+    assert "feather[1:24,2:6]" in capsys.readouterr().out
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["schedules"] == ["feather=1:24,2:6", "fastv=1:10"]
+    rows = {c["name"]: c for c in results["configs"]}
+    assert list(rows) == ["none", "fastv@8", "feather[1:24,2:6]", "fastv[1:10]"]
+    for row in rows.values():
+        assert row["onnx_reference_agreement"] == {"token_ids": 1.0, "kept": 1.0}
+    assert rows["feather[1:24,2:6]"]["image_tokens_per_layer"] == [64, 24, 6, 6]
+    assert rows["fastv[1:10]"]["image_tokens_per_layer"] == [64, 10, 10, 10]
+    assert rows["fastv[1:10]"]["budget"] == 10 and rows["fastv[1:10]"]["schedule"] == "1:10"
+    names = sorted(p.name for p in (tmp_path / "o" / "overlays").iterdir())
+    assert any(n.startswith("feather_s1-24_2-6_ex0") for n in names), names
+
+
 @pytest.mark.parametrize("argv, phrase", [(["--methods", "none,btp"], "unknown method"),
+                                          (["--schedule", "fastv"], "METHOD=LAYER:KEEP"),
                                           (["--budgets", "64,x"], "not a comma-separated list"),
                                           (["--n", "0"], "--n must be a positive integer")])
 def test_eval_cli_user_errors_are_one_line(random_model, capsys, argv, phrase):
