@@ -36,6 +36,13 @@ def test_install_modes(tmp_path, editable):
     else:
         assert "site-packages" in runtime and runtime.endswith("feather_runtime/__init__.py")
         assert "site-packages" in export
+        # every module of both trees is installed (subpackages included)
+        for package, source in (("feather_runtime", ROOT / "runtime"),
+                                ("feather_export", ROOT / "feather_export")):
+            installed = Path(runtime if package == "feather_runtime" else export).parent
+            want = {p.relative_to(source) for p in source.rglob("*.py")}
+            got = {p.relative_to(installed) for p in installed.rglob("*.py")}
+            assert want <= got, f"{package}: not installed: {sorted(map(str, want - got))}"
         # the trained default model ships inside the package (feather-export build needs it)
         assets = Path(export).parent / "assets" / "tiny-shapes"
         for name in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json"):
