@@ -6,8 +6,10 @@ the last one (FasterVLM: contiguous positions of the shortened sequence).
 Everything between segments stays in the backend's memory (device.py): a workspace allocated once
 (pixels, prompt ids, positions, the merged prompt, the decode token and position) and one static
 KV cache per span; segments read each other's outputs in place. The host uploads inputs and
-downloads the logits (every step) and the kept indices and last position (after prefill). Calls are serialized by a
-lock: a Pipeline can be shared between threads, one request runs at a time.
+downloads the logits (every step) and the kept indices and last position (after prefill).
+
+Calls are serialized by a lock: a Pipeline can be shared between threads, one request runs at a
+time.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Tiny registry, checkpoint directories and their refusals."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-import sys, time, json, numpy as np
+import sys, json, numpy as np
 import feather_runtime
 from feather_runtime import Pipeline
 art = sys.argv[1]
