@@ -74,3 +74,34 @@ def test_span_cache_writes_only_new_rows(kv_heads):
     with pytest.raises(FeatherError, match="holds 9 tokens; this request needs 10"):
         cache.append({f"present.{n}": mem.upload(np.zeros((1, kv_heads, 2, 4), np.float32))
                       for n in history})
+
+
+def test_cuda_memory_without_cuda_python_is_a_clear_error(monkeypatch):
+    import sys
+
+    from feather_runtime.device import CudaMemory
+
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)          # import -> ImportError
+    with pytest.raises(FeatherError, match="need cuda-python .* or run on the CPU"):
+        CudaMemory()
+
+
+def test_cuda_memory_without_a_gpu_is_a_clear_error():
+    """The real cuda-python on a machine without an NVIDIA driver: one FeatherError naming the
+    failing call, not a crash (on a GPU machine this allocates and frees for real instead)."""
+    from feather_runtime.device import CudaMemory
+
+    try:
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError as exc:
+        print(f"SKIP: cuda-python is not importable: {exc}")
+        pytest.skip(f"cuda-python is not importable: {exc}")
+    try:
+        memory = CudaMemory()
+    except FeatherError as exc:
+        assert str(exc).startswith("CUDA error in cudaSetDevice"), exc
+        return
+    t = memory.upload(np.arange(6, dtype=np.float32))          # a GPU is here: use it
+    np.testing.assert_array_equal(memory.download(t), np.arange(6, dtype=np.float32))
+    memory.close()
