@@ -215,11 +215,11 @@ class CudaMemory:
 
     def close(self) -> None:
         """Free every allocation (and the stream this object created)."""
-        if getattr(self, "cudart", None) is None:
-            return
+        if getattr(self, "cudart", None) is None or self.stream is None:
+            return                        # never opened, or closed already
         self.synchronize()
         for ptr in list(self._allocations):
             self.free(ptr)
-        if self._own_stream and self.stream is not None:
+        if self._own_stream:
             self._check(self.cudart, self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
-            self.stream = None
+        self.stream = None

@@ -591,7 +591,9 @@ def test_graphs_follow_the_bindings(fakes, artifacts, tmp_path):
     assert fakes.cuda.graphs["captured"] == 3 and runner.graph_launches == 3
     assert fakes.cuda.graphs["live"] == 1
     backend.close()
-    assert fakes.cuda.graphs["live"] == 0
+    assert fakes.cuda.graphs["live"] == 0 and fakes.cuda.memory == {}
+    backend.close()                                                  # idempotent
+    memory.close()
 
 
 def test_graph_capture_failure_falls_back(fakes, artifacts, tmp_path):
