@@ -201,11 +201,9 @@ class Pipeline:
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
         pixel_values, input_ids, start = self._check_inputs(pixel_values, input_ids, max_new_tokens)
         self._acquire()
-        if self.closed:
-            self._owner = None
-            self._lock.release()
-            raise FeatherError("this Pipeline is closed; load the artifact again")
         try:
+            if self.closed:
+                raise FeatherError("this Pipeline is closed; load the artifact again")
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             logits, kept, next_pos = self._prefill(pixel_values, input_ids, start, timings)

@@ -237,6 +237,8 @@ def test_decode_step_moves_only_new_rows(tiny_models, artifact):
 def test_onnxruntime_runner_rebinding(pipeline):
     """I/O binding: new values at a bound address are read, new shapes get new outputs, and a
     refused input is one FeatherError after which the runner works again."""
+    from feather_runtime.device import Tensor
+
     pipe = pipeline("tiny", "feather")
     runner, mem = pipe.runners["embed"], pipe.memory
     want = {t: runner.run({"input_ids": np.asarray([[t, t + 1]], np.int64)})["inputs_embeds"]
@@ -251,6 +253,11 @@ def test_onnxruntime_runner_rebinding(pipeline):
                                   want[5][:, :1])
     with pytest.raises(FeatherError, match="embed: ONNX Runtime failed"):
         runner.run_device({"input_ids": mem.upload(np.asarray([[3]], np.int32))})
+    ids = mem.upload(np.asarray([[3, 4]], np.int64), into=buffer)
+    runner.run_device({"input_ids": ids})
+    same_place_other_dtype = Tensor(ids.ptr, ids.shape, np.dtype(np.int32))
+    with pytest.raises(FeatherError, match="embed: ONNX Runtime failed"):     # bound again, refused
+        runner.run_device({"input_ids": same_place_other_dtype})
     ids = mem.upload(np.asarray([[3, 4]], np.int64), into=buffer)
     np.testing.assert_array_equal(mem.download(runner.run_device({"input_ids": ids})["inputs_embeds"]),
                                   want[3])

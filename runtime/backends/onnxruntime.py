@@ -104,9 +104,10 @@ class OnnxRuntimeRunner:
         # time when a node on another device consumes it (e.g. a CPU shape op on CUDA)
         memory.synchronize()
         if self._reuse_inputs:
-            # CPU: binding wraps the pointer (no copy), so an input bound to the same address and
-            # shape reads its new values; only changed inputs are bound again
-            changed = {n: t for n, t in inputs.items() if self._bound.get(n) != (t.ptr, t.shape)}
+            # CPU: binding wraps the pointer (no copy), so an input bound to the same address,
+            # shape and dtype reads its new values; only changed inputs are bound again
+            changed = {n: t for n, t in inputs.items()
+                       if self._bound.get(n) != (t.ptr, t.shape, t.dtype)}
         else:
             # CUDA: an input consumed on another device is copied when bound; bind every call
             binding.clear_binding_inputs()
@@ -117,12 +118,13 @@ class OnnxRuntimeRunner:
         shapes = {n: t.shape for n, t in inputs.items()}
         if shapes != self._shapes:
             # new input shapes, new output shapes: ONNX Runtime allocates them. With the same
-            # shapes it writes into the previous call's outputs (valid until the next run anyway)
+            # shapes the outputs stay bound (ONNX Runtime may reuse their buffers: the previous
+            # call's outputs are only valid until this runner runs again)
             binding.clear_binding_outputs()
             for name in self.output_names:
                 binding.bind_output(name, memory.device_type, memory.device_id)
             self._shapes = shapes
-        self._bound = {n: (t.ptr, t.shape) for n, t in inputs.items()}
+        self._bound = {n: (t.ptr, t.shape, t.dtype) for n, t in inputs.items()}
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # noqa: BLE001 - shapes/dtypes the graph refuses

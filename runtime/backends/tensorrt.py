@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import CudaMemory, Tensor
+from ..device import ALIGNMENT, CudaMemory, Tensor
 from ..errors import FeatherError
 from .cuda import check, device_identity, import_cudart, stream_handle
 
@@ -247,7 +247,7 @@ class TensorRTBackend:
 
     def attach_context(self, context, size: int) -> None:
         """Give a USER_MANAGED context the shared scratch buffer, growing it when needed."""
-        size = max(int(size), 256)
+        size = max(int(size), ALIGNMENT)
         if size > self._scratch_size:
             new = self.malloc(size)
             for c in self._contexts:
