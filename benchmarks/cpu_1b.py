@@ -54,8 +54,8 @@ def say(msg: str) -> None:
 
 
 def _artifact_gib() -> float:
-    from feather_export.perf_model import shape_from_config
-    from feather_export.shapes import shape_llava_config
+    from feather_export.bench.perf_model import shape_from_config
+    from feather_export.models.shapes import shape_llava_config
 
     shape = shape_from_config(shape_llava_config(MODEL))
     llm = shape.llm
@@ -93,9 +93,9 @@ def _mem_available_gib():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from feather_export.cli_bench import add_bench_parser
-    from feather_export.export import ExportOptions
-    from feather_export.shapes import export_shape_artifacts
+    from feather_export.cli.bench import add_bench_parser
+    from feather_export.export.artifact import ExportOptions
+    from feather_export.export.shapes import export_shape_artifacts
     from feather_runtime import FeatherError
 
     t_start = time.perf_counter()
@@ -162,7 +162,7 @@ def run_profiles(paths, report, out_dir: Path) -> dict:
     """One profiled prefill per artifact, one at a time (each holds its weights in memory)."""
     import numpy as np
 
-    from feather_export.bench_profile import format_profile, profile_prefill
+    from feather_export.bench.profile import format_profile, profile_prefill
     from feather_runtime.prompt import PromptBuilder
 
     size = report["shape"]["vision"]["image_size"]
@@ -183,7 +183,7 @@ def run_profiles(paths, report, out_dir: Path) -> dict:
 
 
 def _headline(report: dict, results: Path, profiles: dict) -> dict:
-    from feather_export.bench import headline_line
+    from feather_export.bench.run import headline_line
 
     head = headline_line(report, str(results / "bench.json"))
     if profiles:

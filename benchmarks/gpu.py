@@ -3,7 +3,7 @@
 
 Uses what the machine has, in this order (--engine picks one):
   1. trt: TensorRT (importable): exports fp16 artifacts of the shape model, builds their engines
-     (feather_export.trt_build, one timing cache shared by the artifacts) and runs
+     (feather_export.tensorrt.build, one timing cache shared by the artifacts) and runs
      `feather-export bench --backend tensorrt` on them (interleaved);
   2. ort: ONNX Runtime with the CUDA provider (onnxruntime-gpu): the same artifacts,
      `feather-export bench --backend onnxruntime-cuda`;
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     except FeatherError as exc:
         print(f"gpu: error: {exc}", file=sys.stderr)
         return 2
-    from feather_export.bench import headline_line
+    from feather_export.bench.run import headline_line
 
     (results / "COMMAND.txt").write_text(
         "# made by (from the repository root, venv active):\n"
@@ -112,11 +112,12 @@ def _results_dir(args, engine: str, device_key: str) -> Path:
 
 def run_artifacts(args, engine: str):
     """Export the artifacts, build engines for TensorRT, bench them with the engine's backend."""
-    from feather_export.bench import gpu_names
-    from feather_export.cli_bench import add_bench_parser
-    from feather_export.export import ExportOptions, export
-    from feather_export.perf_model import device_for_gpu_name
-    from feather_export.shapes import SHAPE_MODELS, export_shape_artifacts
+    from feather_export.bench.run import gpu_names
+    from feather_export.cli.bench import add_bench_parser
+    from feather_export.export.artifact import ExportOptions, export
+    from feather_export.bench.perf_model import device_for_gpu_name
+    from feather_export.models.shapes import SHAPE_MODELS
+    from feather_export.export.shapes import export_shape_artifacts
     from feather_runtime import FeatherError
 
     methods = [m for m in args.methods.split(",") if m]
@@ -141,7 +142,7 @@ def run_artifacts(args, engine: str):
         paths = [export(args.model, out, opts, progress=say) for out, opts in jobs]
     gc.collect()
     if engine == "trt":
-        from feather_export.trt_build import build_engines
+        from feather_export.tensorrt.build import build_engines
 
         cache = work / "timing.cache"
         for path in paths:
@@ -169,8 +170,8 @@ def run_artifacts(args, engine: str):
 
 
 def _params_b(name: str) -> float:
-    from feather_export.perf_model import shape_from_config
-    from feather_export.shapes import shape_llava_config
+    from feather_export.bench.perf_model import shape_from_config
+    from feather_export.models.shapes import shape_llava_config
 
     shape = shape_from_config(shape_llava_config(name))
     llm = shape.llm
@@ -184,14 +185,15 @@ def run_torch(args):
     import numpy as np
     import torch
 
-    from feather_export.bench import (BenchOptions, Target, build_report, describe_machine,
-                                      parse_gen_lengths, resolve_device, target_label)
-    from feather_export.bench_report import format_table, write_plots
-    from feather_export.config import PruneConfig
-    from feather_export.models import TINY_MODELS, build_tiny_model, geometry_of
-    from feather_export.perf_model import shape_from_config
-    from feather_export.shapes import build_shape_model
-    from feather_export.tiny_tokenizer import build_tiny_tokenizer
+    from feather_export.bench.run import (BenchOptions, Target, build_report, describe_machine,
+                                          parse_gen_lengths, resolve_device, target_label)
+    from feather_export.bench.report import format_table, write_plots
+    from feather_export.methods.config import PruneConfig
+    from feather_export.models.tiny import TINY_MODELS, build_tiny_model
+    from feather_export.models.geometry import geometry_of
+    from feather_export.bench.perf_model import shape_from_config
+    from feather_export.models.shapes import build_shape_model
+    from feather_export.models.tokenizer import build_tiny_tokenizer
     from feather_runtime import FeatherError
     from feather_runtime.prompt import PromptBuilder
     from gpu_torch import TorchSegments

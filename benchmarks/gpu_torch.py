@@ -9,7 +9,7 @@ RoPE over the causal row; FasterVLM: CLS attention in the feature layer) from th
 layer K-1 computed in the span (forward hooks, as the exported spans output them), TopK on the
 device (ties are not forced to the lower index: timing only). Decode uses transformers' DynamicCache
 (which grows by concatenation: its copy cost shows in the decode-scaling check).
-Samples have the format of feather_export.bench, so the report, table and plots are shared.
+Samples have the format of feather_export.bench.run, so the report, table and plots are shared.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class TorchSegments:
 
     def _keep(self, stage, scores, side):
         torch = self.torch
-        from feather_export.selection import grid_mask
+        from feather_export.methods.selection import grid_mask
 
         forced = torch.as_tensor(grid_mask(stage.num_in, side, stage.grid_stride),
                                  device=scores.device)
@@ -105,7 +105,7 @@ class TorchSegments:
         return t[:, idx]
 
     def _span(self, a, b, hidden, positions, cache):
-        from feather_export.reference import run_layer
+        from feather_export.methods.reference import run_layer
 
         for layer in self.lm.layers[a:b]:
             hidden = run_layer(layer, self.lm.rotary_emb, hidden, positions, cache, None)
@@ -117,7 +117,7 @@ class TorchSegments:
         torch = self.torch
         from transformers import DynamicCache
 
-        from feather_export.export import plan_segments
+        from feather_export.export.artifact import plan_segments
 
         timings: dict = {}
         stages = list(prune.stages)

@@ -1,5 +1,5 @@
 """feather_export: export LLaVA checkpoints into pruned ONNX segments and engines."""
-from .errors import FeatherError
+from feather_export.errors import FeatherError
 
 __version__ = "0.1.0"
 __all__ = ["FeatherError", "__version__"]

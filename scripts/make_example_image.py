@@ -9,7 +9,7 @@ The README's quickstart asks the trained tiny-shapes model "Where is the red squ
 import sys
 from pathlib import Path
 
-from feather_export.synthetic import make_sample
+from feather_export.quality.synthetic import make_sample
 
 INDEX = 248
 

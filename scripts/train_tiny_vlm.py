@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the tiny-shapes LLaVA on CPU (same as ``python -m feather_export.train_tiny``).
+"""Train the tiny-shapes LLaVA on CPU (same as ``python -m feather_export.quality.train``).
 
 The committed checkpoint feather_export/assets/tiny-shapes was made with the defaults
 (``--snapshots`` only also writes the weights at each evaluation into the partial directory):
@@ -14,7 +14,7 @@ The same options, seed, thread count and torch version give the same weights, by
 """
 import sys
 
-from feather_export.train_tiny import main
+from feather_export.quality.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ TINY_NAMES = ("tiny", "tiny-gqa")
 @pytest.fixture(scope="session")
 def tiny_models():
     """name -> LlavaForConditionalGeneration, built once per session."""
-    from feather_export.models import build_tiny_model
+    from feather_export.models.tiny import build_tiny_model
 
     return {name: build_tiny_model(name) for name in TINY_NAMES}
 

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from feather_export.bench import (BenchOptions, decode_tokens_per_s, parse_gen_lengths,
-                                  split_timeline, stats)
-from feather_export.cli_bench import add_bench_parser
-from feather_export.export import ExportOptions, export
+from feather_export.bench.run import (BenchOptions, decode_tokens_per_s, parse_gen_lengths,
+                                      split_timeline, stats)
+from feather_export.cli.bench import add_bench_parser
+from feather_export.export.artifact import ExportOptions, export
 from feather_runtime import FeatherError
 
 REPEATS, WARMUP, GEN = 2, 1, (1, 3)
@@ -106,7 +106,7 @@ def test_speedup_is_computed_against_none_paired_by_repeat(arts, tmp_path, capsy
 
 
 def test_bench_refuses_artifacts_that_cannot_be_compared(arts):
-    from feather_export.bench import run_bench
+    from feather_export.bench.run import run_bench
 
     opts = BenchOptions(repeats=1, warmup=0, gen_lengths=(1,), device="h100-sxm", verify=False)
     with pytest.raises(FeatherError, match="different model"):
@@ -158,8 +158,9 @@ def test_stats():
 
 
 def test_shape_models_export_and_generate_exactly_the_tokens_asked(tmp_path, monkeypatch):
-    from feather_export import shapes
-    from feather_export.perf_model import shape_from_manifest
+    from feather_export.export.shapes import export_shape_artifacts
+    from feather_export.models import shapes
+    from feather_export.bench.perf_model import shape_from_manifest
     from feather_runtime import Pipeline
     from feather_runtime.manifest import load_manifest
 
@@ -167,7 +168,7 @@ def test_shape_models_export_and_generate_exactly_the_tokens_asked(tmp_path, mon
                             vision_intermediate=64, vision_layers=3, vision_heads=2, hidden=64,
                             layers=4, heads=4, kv_heads=2, intermediate=96, vocab=600)
     monkeypatch.setitem(shapes.SHAPE_MODELS, "shape-test", spec)
-    outs = shapes.export_shape_artifacts(
+    outs = export_shape_artifacts(
         "shape-test", [(tmp_path / "none", ExportOptions(method="none", max_new_tokens=8)),
                        (tmp_path / "f", ExportOptions(method="feather", budget=8,
                                                       max_new_tokens=8))],
@@ -184,7 +185,7 @@ def test_shape_models_export_and_generate_exactly_the_tokens_asked(tmp_path, mon
 
 
 def test_shape_configs_have_the_documented_geometry():
-    from feather_export.shapes import SHAPE_MODELS, shape_llava_config
+    from feather_export.models.shapes import SHAPE_MODELS, shape_llava_config
 
     cfg = shape_llava_config("shape-llava-1.5-13b")
     assert (cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size,
@@ -202,10 +203,10 @@ def test_gpu_script_torch_segments_match_the_reference(tiny_models, method):
     import sys
     from pathlib import Path
 
-    from feather_export.config import PruneConfig
-    from feather_export.models import geometry_of
-    from feather_export.reference import reference_generate
-    from feather_export.tiny_tokenizer import build_tiny_tokenizer
+    from feather_export.methods.config import PruneConfig
+    from feather_export.models.geometry import geometry_of
+    from feather_export.methods.reference import reference_generate
+    from feather_export.models.tokenizer import build_tiny_tokenizer
     from feather_runtime.prompt import PromptBuilder
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

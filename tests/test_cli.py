@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from feather_export.cli import main
+from feather_export.cli.main import main
 
 SAMPLE = "examples/shapes.png"
 

@@ -1,7 +1,8 @@
 import pytest
 
-from feather_export.config import (ModelGeometry, PruneConfig, default_grid_stride,
-                                   feather_stage2_keep, grid_size, parse_schedule)
+from feather_export.models.geometry import ModelGeometry
+from feather_export.methods.config import (PruneConfig, default_grid_stride, feather_stage2_keep,
+                                           grid_size, parse_schedule)
 from feather_export.errors import FeatherError
 
 LLAVA = ModelGeometry(num_layers=32, num_image_tokens=576, grid_side=24)

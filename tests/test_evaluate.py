@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 
 from feather_export.errors import FeatherError
-from feather_export.evaluate import (EvalConfig, EvalOptions, accuracy_table,
-                                     default_budgets, evaluate, format_table, is_correct,
-                                     object_patches, parse_budgets, parse_engines, parse_methods,
-                                     parse_schedules, patch_band, plan_configs)
-from feather_export.models import TINY_SHAPES_DIR as DEFAULT_MODEL_DIR
-from feather_export.synthetic import make_samples
+from feather_export.quality.evaluate import (EvalConfig, EvalOptions, accuracy_table,
+                                             default_budgets, evaluate, format_table, is_correct,
+                                             object_patches, parse_budgets, parse_engines,
+                                             parse_methods, parse_schedules, patch_band,
+                                             plan_configs)
+from feather_export.models.checkpoint import TINY_SHAPES_DIR as DEFAULT_MODEL_DIR
+from feather_export.quality.synthetic import make_samples
 
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory):
     """A randomly initialised model of the tiny-shapes architecture on an 8 x 8 grid (fast)."""
-    from feather_export.train_tiny import ModelSpec, save_untrained
+    from feather_export.quality.train import ModelSpec, save_untrained
 
     spec = ModelSpec(image_size=112, patch_size=14, vision_hidden=32, hidden=32, intermediate=64)
     return save_untrained(tmp_path_factory.mktemp("rand") / "model", spec, seed=1)
@@ -67,7 +68,7 @@ def test_default_budgets_are_llava_fractions():
 
 
 def test_plan_configs_validates_against_the_model():
-    from feather_export.config import ModelGeometry
+    from feather_export.models.geometry import ModelGeometry
 
     geo = ModelGeometry(4, 256, 16)
     configs = plan_configs(("fastv", "none"), (64, 14), geo)
@@ -124,7 +125,7 @@ def test_scoring_helpers():
 
 
 def test_eval_through_the_feather_export_cli(random_model, tmp_path, capsys):
-    from feather_export.cli import main
+    from feather_export.cli.main import main
 
     assert main(["eval", "--model", str(random_model), "--methods", "none,fastv", "--budgets", "8",
                  "--n", "2", "--engine", "reference", "--out", str(tmp_path / "o"), "--overlays", "0",
@@ -140,7 +141,7 @@ def test_eval_through_the_feather_export_cli(random_model, tmp_path, capsys):
 def test_eval_schedules_both_engines(random_model, tmp_path, capsys):
     """Explicit schedules go through export and the reference alike (same tokens, same kept sets),
     are costed from their own stages, named in the table and skipped by the budget plot."""
-    from feather_export.cli import main
+    from feather_export.cli.main import main
 
     assert main(["eval", "--model", str(random_model), "--methods", "none,fastv", "--budgets", "8",
                  "--schedule", "feather=1:24,2:6", "--schedule", "fastv=1:10", "--n", "3",
@@ -164,7 +165,7 @@ def test_eval_schedules_both_engines(random_model, tmp_path, capsys):
                                           (["--budgets", "64,x"], "not a comma-separated list"),
                                           (["--n", "0"], "--n must be a positive integer")])
 def test_eval_cli_user_errors_are_one_line(random_model, capsys, argv, phrase):
-    from feather_export.cli import main
+    from feather_export.cli.main import main
 
     assert main(["eval", "--model", str(random_model), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -177,7 +178,7 @@ def test_missing_model_is_a_user_error(tmp_path):
 
 
 def test_format_table_marks_empty_cells():
-    from feather_export.evaluate import BANDS
+    from feather_export.quality.evaluate import BANDS
 
     row = {"name": "none", "method": "none", "budget": None, "engines": {"onnx": {
         "all": {"accuracy": 0.5, "n": 2},

@@ -9,11 +9,11 @@ import pytest
 
 from conftest import TINY_NAMES, tiny_inputs
 from feather_export.errors import FeatherError
-from feather_export.export import ExportOptions, export
-from feather_export.models import geometry_of
-from feather_export.reference import reference_generate
-from feather_export.trt_lint import check_artifact
-from feather_export.validate import validate_artifact
+from feather_export.export.artifact import ExportOptions, export
+from feather_export.models.geometry import geometry_of
+from feather_export.methods.reference import reference_generate
+from feather_export.tensorrt.lint import check_artifact
+from feather_export.export.validate import validate_artifact
 from feather_runtime import Pipeline
 
 
@@ -183,7 +183,7 @@ def test_trt_plugin_only_drops_the_function_body(tmp_path):
 
 
 def test_external_data_above_threshold(tmp_path, monkeypatch):
-    import feather_export.export as export_module
+    import feather_export.export.artifact as export_module
 
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 1000)
     path = export("tiny", tmp_path / "ext", ExportOptions(method="none"), progress=lambda m: None)
@@ -196,7 +196,7 @@ def test_external_data_above_threshold(tmp_path, monkeypatch):
 
 
 def tiny_inputs_for(name):
-    from feather_export.models import TINY_MODELS
+    from feather_export.models.tiny import TINY_MODELS
 
     size = TINY_MODELS[name].image_size
     n = (size // 14) ** 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_inputs
-from feather_export.export import ExportOptions, export
+from feather_export.export.artifact import ExportOptions, export
 from feather_runtime import Pipeline
 
 pytestmark = pytest.mark.gpu

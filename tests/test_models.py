@@ -6,8 +6,9 @@ import torch
 
 from conftest import tiny_inputs
 from feather_export.errors import FeatherError
-from feather_export.models import (TINY_MODELS, build_tiny_model, check_checkpoint_dir,
-                                   geometry_of, load_checkpoint, make_tiny)
+from feather_export.models.tiny import TINY_MODELS, build_tiny_model, make_tiny
+from feather_export.models.checkpoint import check_checkpoint_dir, load_checkpoint
+from feather_export.models.geometry import geometry_of
 
 
 def test_registry_geometry(tiny_models):

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from feather_export.errors import FeatherError
-from feather_export.overlay import PANEL, draw_overlay, square_view, view_from_pixels
+from feather_export.quality.overlay import PANEL, draw_overlay, square_view, view_from_pixels
 
 LABEL = 18      # label strip above each panel
 

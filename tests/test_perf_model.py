@@ -5,13 +5,15 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from feather_export.config import ModelGeometry, PruneConfig
-from feather_export.export import ExportOptions, export, plan_segments
-from feather_export.perf_model import (DEVICES, Cost, Device, LlmGeometry, ModelShape,
-                                       VisionGeometry, decode_costs, decoder_layer_flops,
-                                       device_for_gpu_name, measure_cpu_device, prefill_costs,
-                                       roofline_seconds, select_cost, shape_from_config,
-                                       shape_from_manifest, span_cost, total, vision_layer_flops)
+from feather_export.models.geometry import ModelGeometry
+from feather_export.methods.config import PruneConfig
+from feather_export.export.artifact import ExportOptions, export, plan_segments
+from feather_export.bench.perf_model import (DEVICES, Cost, Device, LlmGeometry, ModelShape,
+                                             VisionGeometry, decode_costs, decoder_layer_flops,
+                                             device_for_gpu_name, measure_cpu_device,
+                                             prefill_costs, roofline_seconds, select_cost,
+                                             shape_from_config, shape_from_manifest, span_cost,
+                                             total, vision_layer_flops)
 from feather_runtime.manifest import load_manifest
 
 # a small MHA config: d = 64, m = 128, 4 layers, vocab 500, CLIP c = 32, m_v = 128, 2 layers,
@@ -159,7 +161,7 @@ def test_parameter_counts_match_the_exported_weights(tmp_path):
 
 
 def test_llava_7b_shape_has_about_7b_parameters():
-    from feather_export.shapes import shape_llava_config
+    from feather_export.models.shapes import shape_llava_config
 
     shape = shape_from_config(shape_llava_config("shape-llava-1.5-7b"))
     llm = shape.llm

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feather_export import tiny_tokenizer as tt
+from feather_export.models import tokenizer as tt
 from feather_runtime.errors import FeatherError
 from feather_runtime.preprocess import write_preprocessor_config
 from feather_runtime.prompt import PromptBuilder, format_prompt

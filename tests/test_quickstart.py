@@ -31,7 +31,7 @@ def _cli() -> list[str]:
     if found is None:
         sibling = Path(sys.executable).with_name("feather-export")
         found = str(sibling) if sibling.is_file() else None
-    return [found] if found else [sys.executable, "-m", "feather_export.cli"]
+    return [found] if found else [sys.executable, "-m", "feather_export.cli.main"]
 
 
 def _feather(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -106,7 +106,7 @@ def test_quickstart_run_streams_an_answer(quickstart):
 def test_run_overlay_draws_every_stage(quickstart, tmp_path):
     from PIL import Image
 
-    from feather_export.overlay import PANEL
+    from feather_export.quality.overlay import PANEL
 
     art, _, run, build_proc = quickstart
     assert build_proc.returncode == 0, build_proc.stderr

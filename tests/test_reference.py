@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import TINY_NAMES, hf_generate, tiny_inputs
-from feather_export.config import grid_size
+from feather_export.methods.config import grid_size
 from feather_export.errors import FeatherError
-from feather_export.models import geometry_of
-from feather_export.reference import reference_generate
-from feather_export.selection import grid_mask, select_tokens
+from feather_export.models.geometry import geometry_of
+from feather_export.methods.reference import reference_generate
+from feather_export.methods.selection import grid_mask, select_tokens
 
 
 @pytest.mark.parametrize("name", TINY_NAMES)
@@ -63,7 +63,7 @@ def test_feather_stages_contract(tiny_models, name, fraction):
 
 
 def _stride_for(geo, budget):
-    from feather_export.config import default_grid_stride
+    from feather_export.methods.config import default_grid_stride
     return default_grid_stride(geo.grid_side, budget)
 
 
@@ -126,7 +126,7 @@ HAND_HIDDEN = [[1, 1, 1, 1], [1, -1, 1, -1], [-1, 1, 1, 1], [1, 1, -1, -1], [1, 
 
 
 def test_feather_scores_match_hand_computation():
-    from feather_export.scoring import feather_scores
+    from feather_export.methods.scoring import feather_scores
 
     layer, _ = _hand_layer()
     hidden = torch.tensor([HAND_HIDDEN], dtype=torch.float32)
@@ -143,7 +143,7 @@ def test_feather_scores_match_hand_computation():
 
 
 def test_fastv_scores_match_hand_computation_and_differ_from_rope_free():
-    from feather_export.scoring import fastv_scores, feather_scores
+    from feather_export.methods.scoring import fastv_scores, feather_scores
 
     layer, rotary = _hand_layer(rope_theta=1.0)   # head_dim 2: one frequency, angle = position
     hidden = torch.tensor([HAND_HIDDEN], dtype=torch.float32)
@@ -168,7 +168,7 @@ def test_fastv_scores_match_hand_computation_and_differ_from_rope_free():
 
 
 def test_rope_changes_scores_on_tiny_model(tiny_models):
-    from feather_export.scoring import fastv_scores, feather_scores
+    from feather_export.methods.scoring import fastv_scores, feather_scores
 
     model = tiny_models["tiny-gqa"]
     lm = model.model.language_model

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import hf_generate, tiny_inputs
-from feather_export.export import ExportOptions, export
-from feather_export.models import TINY_MODELS
-from feather_export.reference import reference_generate
+from feather_export.export.artifact import ExportOptions, export
+from feather_export.models.tiny import TINY_MODELS
+from feather_export.methods.reference import reference_generate
 from feather_runtime import FeatherError, Pipeline, Result
 from feather_runtime.sampling import Sampler, SamplingConfig
 
@@ -663,7 +663,7 @@ def _leftovers(parent: Path):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    import feather_export.export as ex
+    import feather_export.export.artifact as ex
 
     real, calls = ex._save_segment, []
 
@@ -683,7 +683,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_failed_reexport_keeps_previous_artifact(tmp_path, monkeypatch):
-    import feather_export.export as ex
+    import feather_export.export.artifact as ex
 
     out = export("tiny", tmp_path / "art", ExportOptions(method="fastv"), progress=lambda m: None)
     before = (out / "feather.json").read_text()

@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from feather_export.onnx_graph import GraphBuilder
-from feather_export.select_op import select_function, select_node
-from feather_export.selection import grid_mask, select_tokens
+from feather_export.onnx.graph import GraphBuilder
+from feather_export.onnx.select_op import select_function, select_node
+from feather_export.methods.selection import grid_mask, select_tokens
 
 
 def _session(n, side, budget, stride, d=3):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from feather_export.errors import FeatherError
-from feather_export.synthetic import (COLOURS, GRID_CELLS, IMAGE_SIZE, ROWS, SHAPES, SPLITS,
-                                      answer_vocabulary, make_conversation, make_sample,
-                                      make_samples, split_of)
+from feather_export.quality.synthetic import (COLOURS, GRID_CELLS, IMAGE_SIZE, ROWS, SHAPES,
+                                              SPLITS, answer_vocabulary, make_conversation,
+                                              make_sample, make_samples, split_of)
 
 CELL = IMAGE_SIZE / GRID_CELLS
 
@@ -108,7 +108,7 @@ def test_bad_arguments_are_user_errors(call):
 
 
 def test_shapes_tokenizer_answers_are_short_and_ids_fixed():
-    from feather_export.shapes_tokenizer import build_shapes_tokenizer
+    from feather_export.quality.tokenizer import build_shapes_tokenizer
 
     tok = build_shapes_tokenizer()
     assert tok.to_str() == build_shapes_tokenizer().to_str()

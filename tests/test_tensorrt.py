@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_inputs
-from feather_export.export import ExportOptions, export
+from feather_export.export.artifact import ExportOptions, export
 from feather_runtime import FeatherError, Pipeline
 from feather_runtime.manifest import load_manifest
 
@@ -56,7 +56,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs():
-    from feather_export.models import build_tiny_model
+    from feather_export.models.tiny import build_tiny_model
 
     return tiny_inputs(build_tiny_model("tiny"), seed=5)
 
@@ -69,7 +69,7 @@ def _export(workdir: Path, name: str, **kw) -> Path:
 
 
 def _build(path: Path, precision=None, **kw) -> list[str]:
-    from feather_export.trt_build import build_engines
+    from feather_export.tensorrt.build import build_engines
 
     msgs: list[str] = []
     build_engines(path, precision, progress=lambda m: (msgs.append(m), print(m)), **kw)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from tokenizers import Tokenizer
 
-from feather_export import tiny_tokenizer as tt
+from feather_export.models import tokenizer as tt
 
 TEXTS = [
     "USER: <image>\nWhat colour is the square? ASSISTANT:",
@@ -37,7 +37,7 @@ def test_fixed_ids_and_vocab_size(tokenizer):
 
 def test_deterministic_in_process_and_across_processes(tokenizer):
     assert tt.build_tiny_tokenizer().to_str() == tokenizer.to_str()
-    code = "from feather_export import tiny_tokenizer as tt; print(tt.build_tiny_tokenizer().to_str())"
+    code = "from feather_export.models import tokenizer as tt; print(tt.build_tiny_tokenizer().to_str())"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == tokenizer.to_str()
 

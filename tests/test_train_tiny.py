@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from feather_export.errors import FeatherError
-from feather_export.synthetic import make_conversation, make_samples
-from feather_export.train_tiny import (Encoder, ModelSpec, TrainOptions, build_model, exact_match,
-                                       forward, save_untrained, shapes_llava_config, sincos_2d,
-                                       train)
+from feather_export.quality.synthetic import make_conversation, make_samples
+from feather_export.quality.train import (Encoder, ModelSpec, TrainOptions, build_model,
+                                          exact_match, forward, save_untrained,
+                                          shapes_llava_config, sincos_2d, train)
 
 SMALL = ModelSpec(image_size=56, patch_size=14, vision_hidden=16, hidden=16, intermediate=32)
 
@@ -19,7 +19,7 @@ def small_dir(tmp_path_factory):
 
 
 def test_config_is_what_the_exporter_expects():
-    from feather_export.models import geometry_of
+    from feather_export.models.geometry import geometry_of
 
     cfg = shapes_llava_config(ModelSpec())
     assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
@@ -46,7 +46,7 @@ def test_sincos_positions():
 def test_batch_layout_and_fast_forward_match_transformers(small_dir):
     import torch
 
-    from feather_export.models import load_checkpoint
+    from feather_export.models.checkpoint import load_checkpoint
 
     model = load_checkpoint(small_dir)
     enc = Encoder(small_dir, model.config.image_seq_length)
@@ -83,7 +83,7 @@ def test_single_turn_batch_is_the_runtime_prompt(small_dir):
 
 
 def test_two_step_smoke_run_writes_a_loadable_checkpoint(tmp_path):
-    from feather_export.models import load_checkpoint
+    from feather_export.models.checkpoint import load_checkpoint
 
     out = tmp_path / "ckpt"
     report = train(TrainOptions(out=str(out), steps=2, vision_steps=2, batch_size=2, eval_every=2,
@@ -109,8 +109,8 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
 
 
 def test_aux_targets_describe_the_scene():
-    from feather_export.synthetic import COLOURS, SHAPES
-    from feather_export.train_aux import SCENE_SIZE, patch_targets, scene_target
+    from feather_export.quality.synthetic import COLOURS, SHAPES
+    from feather_export.quality.train_aux import SCENE_SIZE, patch_targets, scene_target
 
     for s in make_samples("train", 20):
         colour, shape, centre = patch_targets(s, 16)
@@ -128,9 +128,9 @@ def test_aux_targets_describe_the_scene():
 
 def test_committed_checkpoint_matches_this_code():
     """The committed tiny-shapes files are what train_tiny writes: same tokenizer, same config."""
-    from feather_export.models import TINY_SHAPES_DIR as DEFAULT_MODEL_DIR
-    from feather_export.models import load_config
-    from feather_export.shapes_tokenizer import build_shapes_tokenizer
+    from feather_export.models.checkpoint import TINY_SHAPES_DIR as DEFAULT_MODEL_DIR
+    from feather_export.models.checkpoint import load_config
+    from feather_export.quality.tokenizer import build_shapes_tokenizer
 
     report = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text())
     assert (DEFAULT_MODEL_DIR / "tokenizer.json").read_text() == build_shapes_tokenizer().to_str(pretty=True)

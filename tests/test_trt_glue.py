@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_inputs
-from feather_export import trt_build
-from feather_export.export import ExportOptions, export
+from feather_export.tensorrt import build as trt_build
+from feather_export.export.artifact import ExportOptions, export
 from feather_runtime import FeatherError, Pipeline
 from feather_runtime.manifest import load_manifest
 
@@ -259,7 +259,7 @@ class FakeEngine:
         self.names = list(self.io)
         self.profiles = spec["profiles"]
         if not model.functions and any(n.domain == "feather" for n in model.graph.node):
-            from feather_export.select_op import select_function   # "plugin": same computation
+            from feather_export.onnx.select_op import select_function   # "plugin": same computation
 
             model.functions.append(select_function())
         self.session = ort.InferenceSession(model.SerializeToString(),
@@ -519,7 +519,7 @@ def test_without_tensorrt_is_a_clear_error(artifacts, monkeypatch):
 
 @pytest.mark.parametrize("name", ["b144", "vlm"])
 def test_pipeline_on_fake_tensorrt_matches_onnxruntime(fakes, artifacts, tmp_path, name):
-    from feather_export.models import build_tiny_model
+    from feather_export.models.tiny import build_tiny_model
 
     art = _copy(artifacts[name], tmp_path / name)
     trt_build.build_engines(art, progress=lambda m: None)
@@ -597,7 +597,7 @@ def test_graphs_follow_the_bindings(fakes, artifacts, tmp_path):
 
 
 def test_graph_capture_failure_falls_back(fakes, artifacts, tmp_path):
-    from feather_export.models import build_tiny_model
+    from feather_export.models.tiny import build_tiny_model
 
     art = _copy(artifacts["b144"], tmp_path / "f")
     trt_build.build_engines(art, progress=lambda m: None)
@@ -724,7 +724,7 @@ def test_fake_cuda_matches_cuda_python_signatures():
 
 def test_runtime_import_stays_light():
     code = ("import sys, feather_runtime, feather_runtime.backends.tensorrt, "
-            "feather_export.trt_build, feather_export.trt_profiles; "
+            "feather_export.tensorrt.build, feather_export.tensorrt.plans; "
             "print(sorted(m for m in ('tensorrt', 'torch', 'transformers', 'cuda', 'polygraphy') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""Tests for feather_export.trt_lint (pure ONNX, no TensorRT needed)."""
+"""Tests for feather_export.tensorrt.lint (pure ONNX, no TensorRT needed)."""
 import json
 
 import numpy as np
@@ -6,12 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from feather_export.trt_lint import (
-    LintFinding,
-    check_artifact,
-    format_findings,
-    lint_model,
-)
+from feather_export.tensorrt.lint import LintFinding, check_artifact, format_findings, lint_model
 from feather_runtime.errors import FeatherError
 
 F = TensorProto.FLOAT

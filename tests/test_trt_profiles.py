@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from feather_export.export import ExportOptions, export
-from feather_export.trt_profiles import (DECODE, PREFILL, EngineIndex, ShapeRange, engine_file,
-                                         format_command, plan_engines, resolve_precision)
+from feather_export.export.artifact import ExportOptions, export
+from feather_export.tensorrt.plans import (DECODE, PREFILL, EngineIndex, ShapeRange, engine_file,
+                                           format_command, plan_engines, resolve_precision)
 from feather_runtime import FeatherError
 from feather_runtime.manifest import load_manifest
 

@@ -34,7 +34,7 @@ class Backend(Protocol):
 
 def get_backend(name: str | None = None) -> Backend:
     """``onnxruntime`` (CPU, or CUDA when onnxruntime-gpu is installed; None picks what is
-    installed) or ``tensorrt`` (the artifact's engines, see feather_export.trt_build)."""
+    installed) or ``tensorrt`` (the artifact's engines, see feather_export.tensorrt.build)."""
     from .onnxruntime import OnnxRuntimeBackend
 
     if name in (None, "auto", "onnxruntime", "ort"):

@@ -1,4 +1,4 @@
-"""TensorRT backend: runs the engines that ``feather_export.trt_build`` recorded in
+"""TensorRT backend: runs the engines that ``feather_export.tensorrt.build`` recorded in
 ``<artifact>/engines/engines.json``, behind the same ``load(root, segment)`` ->
 ``runner.run_device(inputs)`` interface as ONNX Runtime.
 
@@ -176,7 +176,7 @@ class TensorRTBackend:
             if not path.is_file():
                 raise FeatherError(f"{root} has no TensorRT engines ({ENGINES_DIR}/{INDEX_NAME}); "
                                    "build them on this machine: feather-export build --backend "
-                                   "tensorrt, or python -m feather_export.trt_build ARTIFACT")
+                                   "tensorrt, or python -m feather_export.tensorrt.build ARTIFACT")
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as exc:

@@ -1,0 +1,1 @@
+"""The command line: parses strings at the edge, calls the library, prints."""

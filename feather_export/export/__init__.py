@@ -1,0 +1,1 @@
+"""Artifacts: export a model into ONNX segments + manifest, validate them against PyTorch."""

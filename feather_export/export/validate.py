@@ -1,0 +1,203 @@
+"""``feather-export validate``: each ONNX segment (ONNX Runtime) against the PyTorch modules.
+
+Inputs are random, at sequence/past lengths the segments were never built around (the exporter
+traces nothing, so any length is new): sequence 7 with past 5 for decoder spans (the past in a
+static-cache buffer of capacity 9 whose last 4 rows are large garbage, so the mask is checked), a
+13-token prompt for embed, a 9-token text tail around the image block for selections (whose score query/keys come
+from the PyTorch layer on a random layer input, so the scores are checked end to end).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from feather_export.errors import FeatherError
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}   # max abs error / max(1, max |reference|)
+MIN_KEPT_OVERLAP = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.9}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    segment: str
+    output: str
+    max_abs: float
+    max_rel: float          # max abs error / max(1, max |reference|)
+    tolerance: float
+    ok: bool
+
+    def line(self) -> str:
+        flag = "ok  " if self.ok else "FAIL"
+        return (f"{flag} {self.segment:<14} {self.output:<24} max_abs={self.max_abs:.3e} "
+                f"max_rel={self.max_rel:.3e} tol={self.tolerance:.0e}")
+
+
+def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cpu",
+                      seed: int = 0, progress=None) -> list[OutputCheck]:
+    """Run every segment both ways; returns one check per output (kept indices included)."""
+    import torch
+    from feather_runtime.backends import get_backend
+    from feather_runtime.manifest import load_manifest
+
+    from feather_export.models.checkpoint import resolve_model
+
+    manifest = load_manifest(out_dir)
+    if model is None:
+        model, _ = resolve_model(manifest["model"]["id"])
+    config_hash = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
+    if config_hash != manifest["model"]["config_sha256"]:
+        raise FeatherError(f"the model given does not match the one {out_dir} was exported from "
+                           "(config hash differs); pass --model with the original checkpoint")
+    dtype = manifest["dtype"]
+    runner_backend = get_backend(backend)
+    rng = np.random.default_rng(seed)
+    checks: list[OutputCheck] = []
+    with torch.no_grad():
+        for seg in manifest.segments:
+            if progress:
+                progress(f"validating {seg.name}")
+            runner = runner_backend.load(manifest.root, seg)
+            feeds, expected = _cases(model, manifest, seg, rng, dtype)
+            got = runner.run(feeds)
+            for name, ref in expected.items():
+                checks.append(_compare(seg.name, name, got[name], ref, dtype))
+    return checks
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bf16":
+        raise FeatherError("ONNX Runtime's CPU provider cannot run bf16 graphs; validate bf16 "
+                           "artifacts on a GPU backend or export fp16/fp32")
+    return np.float16 if dtype == "fp16" else np.float32
+
+
+def _compare(segment, name, got, ref, dtype) -> OutputCheck:
+    got, ref = np.asarray(got), np.asarray(ref)
+    if name == "kept":
+        overlap = len(set(got.tolist()) & set(ref.tolist())) / max(len(ref), 1)
+        need = MIN_KEPT_OVERLAP[dtype]
+        return OutputCheck(segment, name, 1 - overlap, 1 - overlap, 1 - need, overlap >= need)
+    if got.shape != ref.shape:
+        return OutputCheck(segment, f"{name} shape {got.shape}!={ref.shape}", np.inf, np.inf,
+                           0, False)
+    err = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
+    rel = err / max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+    tol = TOLERANCE[dtype]
+    return OutputCheck(segment, name, err, rel, tol, rel <= tol)
+
+
+def _cases(model, manifest, seg, rng, dtype):
+    if seg.kind == "vision":
+        return _vision_case(model, manifest, rng)
+    if seg.kind == "embed":
+        return _embed_case(model, manifest, rng)
+    if seg.kind == "decoder":
+        return _decoder_case(model, manifest, seg, rng, _np_dtype(dtype))
+    return _select_case(model, manifest, seg, rng, _np_dtype(dtype))
+
+
+def _vision_case(model, manifest, rng):
+    import torch
+
+    from feather_export.methods.reference import vision_features
+    from feather_export.methods.scoring import cls_attention_scores
+
+    size = manifest["model"]["image_size"]
+    pixels = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    features, scores = vision_features(model, torch.from_numpy(pixels), cls_attention_scores)
+    return {"pixel_values": pixels}, {"image_features": features.numpy(), "cls_scores": scores.numpy()}
+
+
+def _embed_case(model, manifest, rng):
+    import torch
+
+    ids = rng.integers(0, manifest["model"]["vocab_size"], size=(1, 13), dtype=np.int64)
+    table = model.model.language_model.embed_tokens
+    return {"input_ids": ids}, {"inputs_embeds": table(torch.from_numpy(ids)).numpy()}
+
+
+def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
+    import torch
+    from transformers import DynamicCache
+
+    from feather_export.methods.reference import lm_logits, run_layer
+    from feather_export.methods.scoring import score_inputs
+
+    m = manifest["model"]
+    lm = model.model.language_model
+    a, b = seg.layers
+    # the static cache: a buffer of capacity past + 4 whose rows beyond past_length are garbage
+    # (large random values) that the graph must mask out; the reference sees the valid rows only
+    kv_shape = (1, m["num_key_value_heads"], past + 4, m["head_dim"])
+    hidden = rng.standard_normal((1, seq, m["hidden_size"])).astype(np_dtype)
+    positions = np.arange(past + 3, past + 3 + seq, dtype=np.int64)[None]   # a gap, as after pruning
+    feeds = {"inputs_embeds": hidden, "position_ids": positions,
+             "past_length": np.asarray(past, np.int64)}
+    cache = DynamicCache()
+    for i in range(a, b):
+        k, v = (rng.standard_normal(kv_shape).astype(np_dtype) for _ in range(2))
+        for t in (k, v):
+            t[:, :, past:] = (rng.standard_normal(t[:, :, past:].shape) * 100).astype(np_dtype)
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+        cache.update(*(torch.from_numpy(t[:, :, :past].astype(np.float32)) for t in (k, v)), i)
+    mask = torch.full((seq, past + seq), torch.finfo(torch.float32).min).triu(past + 1)[None, None]
+    h, pos = torch.from_numpy(hidden.astype(np.float32)), torch.from_numpy(positions)
+    expected = {}
+    outputs = {o["name"] for o in seg.outputs}
+    for i in range(a, b):
+        if f"score_query.{i}" in outputs:
+            criterion = "feather" if f"score_keys.{i}" in outputs else "fastv"
+            query, keys = score_inputs(lm.layers[i], lm.rotary_emb, h, pos, criterion)
+            expected[f"score_query.{i}"] = query.numpy()
+            if criterion == "feather":
+                expected[f"score_keys.{i}"] = keys.numpy()
+        h = run_layer(lm.layers[i], lm.rotary_emb, h, pos, cache, mask)
+        expected[f"present.{i}.key"] = cache.layers[i].keys[:, :, past:].numpy()      # heads-first
+        expected[f"present.{i}.value"] = cache.layers[i].values[:, :, past:].numpy()
+    if b == m["num_layers"]:
+        expected["logits"] = lm_logits(model, h[:, -1:]).numpy()[None, None]
+    else:
+        expected["hidden_states"] = h.numpy()
+    return feeds, expected
+
+
+def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
+    import torch
+
+    from feather_export.methods.config import Stage
+    from feather_export.onnx.select import score_input_names
+    from feather_export.methods.reference import gather_sequence, select_stage
+    from feather_export.methods.scoring import fastv_scores, feather_scores, score_inputs
+
+    m = manifest["model"]
+    stage = Stage(**manifest["prune"]["stages"][seg.stage])
+    n, d = stage.num_in, m["hidden_size"]
+    if stage.criterion == "fastervlm":
+        scores = rng.dirichlet(np.ones(n)).astype(np.float32)
+        features = rng.standard_normal((1, n, d)).astype(np_dtype)
+        kept = select_stage(stage, torch.from_numpy(scores), m["grid_side"])
+        return ({"cls_scores": scores, "image_features": features},
+                {"kept": kept, "pruned_image_features": features[:, kept]})
+    lm = model.model.language_model
+    seq = start + n + text_after
+    layer_input = rng.standard_normal((1, seq, d)).astype(np_dtype)
+    hidden = rng.standard_normal((1, seq, d)).astype(np_dtype)
+    positions = np.sort(rng.choice(seq + 40, size=seq, replace=False)).astype(np.int64)[None]
+    x, pos = torch.from_numpy(layer_input.astype(np.float32)), torch.from_numpy(positions)
+    prev = lm.layers[stage.layer - 1]
+    if stage.criterion == "feather":
+        scores = feather_scores(prev, x, start, n)
+    else:
+        scores = fastv_scores(prev, lm.rotary_emb, x, pos, start, n)
+    kept = select_stage(stage, scores, m["grid_side"])
+    query, keys = score_inputs(prev, lm.rotary_emb, x, pos, stage.criterion)
+    query_name, keys_name = score_input_names(stage)
+    feeds = {query_name: query.numpy().astype(np_dtype), keys_name: keys.numpy().astype(np_dtype),
+             "hidden_states": hidden, "position_ids": positions,
+             "image_start": np.asarray(start, np.int64)}
+    return feeds, {"scores": scores.numpy(), "kept": kept,
+                   "pruned_hidden_states": gather_sequence(torch.from_numpy(hidden), start, n,
+                                                            kept).numpy(),
+                   "pruned_position_ids": gather_sequence(pos, start, n, kept).numpy()}

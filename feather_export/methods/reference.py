@@ -1,0 +1,178 @@
+"""PyTorch reference of the pruning methods (DESIGN §3-§4): the oracle exported engines are tested against.
+
+Batch 1, greedy decoding with a KV cache, run through transformers' own layer modules. Layers after a
+prune point cache only the kept tokens; kept tokens keep their original positions (FasterVLM: the
+shortened sequence has contiguous positions) and decoding continues after the last position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from feather_export.methods.config import PruneConfig, Stage
+from feather_export.errors import FeatherError
+from feather_export.models.geometry import geometry_of
+from feather_export.methods.selection import grid_mask, select_tokens
+
+
+@dataclass
+class ReferenceResult:
+    token_ids: list[int]                       # generated tokens (EOS included when reached)
+    kept: list[list[int]]                      # original image indices kept, per stage
+    first_logits: "object" = None              # float32 [vocab] logits of the first new token
+    scores: list[np.ndarray] = field(default_factory=list)   # per-stage scores (current image set)
+
+
+def resolve_prune_config(model, method="none", budget=None, schedule=None, stride=None,
+                         config: PruneConfig | None = None) -> PruneConfig:
+    if config is not None:
+        return config
+    return PruneConfig.create(method, geometry_of(model.config), budget=budget,
+                              schedule=schedule, stride=stride)
+
+
+def image_span(input_ids, image_token_id: int, num_image: int) -> int:
+    """Start index of the single contiguous block of ``num_image`` image tokens in ``input_ids``."""
+    where = np.flatnonzero(np.asarray(input_ids).reshape(-1) == image_token_id)
+    if len(where) != num_image or (len(where) and where[-1] - where[0] != num_image - 1):
+        raise FeatherError(
+            f"the prompt must hold one contiguous block of {num_image} image tokens "
+            f"(id {image_token_id}); found {len(where)}")
+    return int(where[0])
+
+
+def select_stage(stage: Stage, scores, side: int) -> np.ndarray:
+    forced = grid_mask(stage.num_in, side, stage.grid_stride)
+    return select_tokens(scores.detach().cpu().numpy(), stage.keep, forced)
+
+
+def gather_sequence(tensor, start: int, num_image: int, kept: np.ndarray):
+    import torch
+
+    index = np.concatenate([np.arange(start), start + kept,
+                            np.arange(start + num_image, tensor.shape[1])])
+    return tensor[:, torch.as_tensor(index)]
+
+
+def _causal_mask(length: int, dtype):
+    import torch
+
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return mask[None, None]
+
+
+def reference_generate(model, pixel_values, input_ids, method: str = "none", budget=None,
+                       schedule=None, stride=None, max_new_tokens: int = 16,
+                       config: PruneConfig | None = None) -> ReferenceResult:
+    """Greedy generation with pruning as DESIGN §4 specifies.
+
+    ``pixel_values``: float [1, 3, H, W]; ``input_ids``: int [1, T] with the image token expanded
+    to N copies. Returns generated token ids and the kept original image indices per stage.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from feather_export.methods.scoring import cls_attention_scores, fastv_scores, feather_scores
+
+    cfg = resolve_prune_config(model, method, budget, schedule, stride, config)
+    geo = geometry_of(model.config)
+    input_ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long).reshape(1, -1)
+    pixel_values = torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32)
+    start = image_span(input_ids, model.config.image_token_index, geo.num_image_tokens)
+    lm = model.model.language_model
+    result = ReferenceResult([], [])
+    original = np.arange(geo.num_image_tokens)
+
+    with torch.no_grad():
+        features, cls_scores = vision_features(model, pixel_values, cls_attention_scores)
+        hidden = lm.embed_tokens(input_ids)
+        hidden = torch.cat([hidden[:, :start], features.to(hidden.dtype),
+                            hidden[:, start + geo.num_image_tokens:]], dim=1)
+        positions = torch.arange(hidden.shape[1])[None]
+        stages = {s.layer: s for s in cfg.stages if s.criterion != "fastervlm"}
+        num_image = geo.num_image_tokens
+        if cfg.method == "fastervlm":
+            stage = cfg.stages[0]
+            kept = select_stage(stage, cls_scores, geo.grid_side)
+            result.scores.append(cls_scores.numpy())
+            hidden = gather_sequence(hidden, start, num_image, kept)
+            positions = torch.arange(hidden.shape[1])[None]
+            original, num_image = original[kept], stage.keep
+            result.kept.append(original.tolist())
+
+        cache = DynamicCache()
+        layer_input = None
+        for index, layer in enumerate(lm.layers):
+            stage = stages.get(index)
+            if stage is not None:
+                prev = lm.layers[index - 1]
+                if stage.criterion == "feather":
+                    scores = feather_scores(prev, layer_input, start, num_image)
+                else:
+                    scores = fastv_scores(prev, lm.rotary_emb, layer_input, positions,
+                                          start, num_image)
+                kept = select_stage(stage, scores, geo.grid_side)
+                result.scores.append(scores.numpy())
+                hidden = gather_sequence(hidden, start, num_image, kept)
+                positions = gather_sequence(positions, start, num_image, kept)
+                original, num_image = original[kept], stage.keep
+                result.kept.append(original.tolist())
+            layer_input = hidden
+            hidden = run_layer(layer, lm.rotary_emb, hidden, positions, cache,
+                            _causal_mask(hidden.shape[1], hidden.dtype))
+
+        logits = lm_logits(model, hidden[:, -1:])
+        result.first_logits = logits.float().clone()
+        eos = _eos_ids(model)
+        next_pos = int(positions[0, -1]) + 1
+        for _ in range(max_new_tokens):
+            token = int(torch.argmax(logits))
+            result.token_ids.append(token)
+            if token in eos or len(result.token_ids) == max_new_tokens:
+                break
+            hidden = lm.embed_tokens(torch.tensor([[token]]))
+            pos = torch.tensor([[next_pos]])
+            for layer in lm.layers:
+                hidden = run_layer(layer, lm.rotary_emb, hidden, pos, cache, None)
+            logits = lm_logits(model, hidden)
+            next_pos += 1
+    return result
+
+
+def vision_features(model, pixel_values, cls_attention_scores):
+    """Projected image features [1, N, d] and FasterVLM's CLS scores [N] (transformers' own path)."""
+    vt = model.model.vision_tower
+    out = vt(pixel_values, output_hidden_states=True, return_dict=True)
+    layer = model.config.vision_feature_layer
+    feature_index = layer % len(out.hidden_states)
+    features = model.model.multi_modal_projector(out.hidden_states[feature_index][:, 1:])
+    clip_layers = _clip_layers(vt)
+    scores = cls_attention_scores(clip_layers[feature_index - 1], out.hidden_states[feature_index - 1])
+    return features, scores
+
+
+def _clip_layers(vision_tower):
+    model = getattr(vision_tower, "vision_model", vision_tower)
+    return model.encoder.layers
+
+
+def run_layer(layer, rotary, hidden, positions, cache, mask):
+    pos_emb = rotary(hidden, positions)
+    out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, position_embeddings=pos_emb)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def lm_logits(model, hidden):
+    lm = model.model.language_model
+    return model.lm_head(lm.norm(hidden))[0, -1]
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}

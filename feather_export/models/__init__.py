@@ -1,0 +1,1 @@
+"""Models: checkpoint directories, the built-in tiny and shape-only registries, their geometry and tokenizers."""

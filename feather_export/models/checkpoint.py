@@ -1,0 +1,123 @@
+"""Local LLaVA checkpoint directories and model names: check, read the config, load the weights.
+
+A checkpoint directory is the Hugging Face ``LlavaForConditionalGeneration`` layout: ``config.json``,
+safetensors weights, ``tokenizer.json`` and ``preprocessor_config.json``. A model *name* is a tiny or
+shape-only model built in-process, or the trained built-in ``tiny-shapes``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from feather_export.errors import FeatherError
+from feather_export.models.geometry import geometry_of
+
+# trained checkpoints shipped inside the package, by name (feather_export/train_tiny.py made them)
+TINY_SHAPES_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-shapes"
+
+
+BUILTIN_CHECKPOINTS: dict[str, Path] = {"tiny-shapes": TINY_SHAPES_DIR}
+
+
+def _read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FeatherError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise FeatherError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise FeatherError(f"{cfg_file} does not hold a JSON object")
+    return cfg
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a LLaVA checkpoint we can export, before loading any weights."""
+    path = Path(path)
+    if not path.exists():
+        raise FeatherError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise FeatherError(f"--model {path} is not a directory (or a tiny model name)")
+    cfg = _read_config(path)
+    if cfg.get("model_type") != "llava":
+        raise FeatherError(
+            f"{path} holds model_type {cfg.get('model_type')!r}; only 'llava' "
+            "(LlavaForConditionalGeneration) checkpoints are supported")
+    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
+    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if text_type != "llama":
+        raise FeatherError(f"{path}: text model {text_type!r} is not supported (llama only)")
+    if vision_type != "clip_vision_model":
+        raise FeatherError(f"{path}: vision model {vision_type!r} is not supported (CLIP only)")
+    if not list(path.glob("*.safetensors")):
+        raise FeatherError(f"{path} has no *.safetensors weights")
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not (path / name).is_file():
+            raise FeatherError(f"{path} has no {name}; the artifact needs it to run on its own")
+    return path
+
+
+def quiet_transformers() -> None:
+    """Our CLI shows its own progress; transformers' per-shard bars would interleave with it."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """Load a local LLaVA checkpoint directory as an fp32 ``LlavaForConditionalGeneration``."""
+    from transformers import LlavaForConditionalGeneration
+
+    quiet_transformers()
+    path = check_checkpoint_dir(path)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype="float32")
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad checkpoint to the user
+        raise FeatherError(f"could not load the checkpoint in {path}: {exc}") from None
+    geometry_of(model.config)
+    return model.eval()
+
+
+def load_config(spec: str | os.PathLike):
+    """The ``LlavaConfig`` of a model name or a checkpoint directory, without any weights."""
+    from transformers import LlavaConfig
+
+    from feather_export.models.shapes import SHAPE_MODELS, shape_llava_config
+    from feather_export.models.tiny import TINY_MODELS, tiny_llava_config
+
+    if str(spec) in TINY_MODELS:
+        return tiny_llava_config(str(spec))
+    if str(spec) in SHAPE_MODELS:
+        return shape_llava_config(str(spec))
+    path = check_checkpoint_dir(checkpoint_path(spec))
+    try:
+        return LlavaConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - a config transformers rejects is a bad checkpoint
+        raise FeatherError(f"could not read the config in {path}: {exc}") from None
+
+
+def checkpoint_path(spec: str | os.PathLike) -> Path:
+    """The directory of a built-in trained checkpoint name (``tiny-shapes``), else ``spec`` itself."""
+    if str(spec) in BUILTIN_CHECKPOINTS:
+        path = BUILTIN_CHECKPOINTS[str(spec)]
+        if not (path / "model.safetensors").is_file():
+            raise FeatherError(f"the built-in {spec} checkpoint is missing from {path} (a broken "
+                               "install?); retrain it with python -m feather_export.quality.train")
+        return path
+    return Path(spec)
+
+
+def resolve_model(spec: str | os.PathLike):
+    """``spec`` is a tiny or shape-only model name (random weights, built in-process), the trained
+    built-in ``tiny-shapes`` or a checkpoint directory; returns (model, source_dir or None)."""
+    from feather_export.models.shapes import SHAPE_MODELS, build_shape_model
+    from feather_export.models.tiny import TINY_MODELS, build_tiny_model
+
+    if str(spec) in TINY_MODELS:
+        return build_tiny_model(str(spec)), None
+    if str(spec) in SHAPE_MODELS:
+        return build_shape_model(str(spec)), None
+    path = checkpoint_path(spec)
+    return load_checkpoint(path), path

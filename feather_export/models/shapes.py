@@ -1,0 +1,146 @@
+"""Shape-only LLaVA configs: real geometry with deterministic random weights, for benchmarks.
+
+GPU runs measure LLaVA-1.5-7B/13B geometry without downloading a checkpoint; CPU runs use a ~1.2B
+LLaVA-shaped model (CLIP-L/14-336 vision + a TinyLlama-sized 16-layer decoder) that fits a 2-core,
+24 GiB machine in fp32. The tokenizer is the tiny in-process one (ids < 500, inside every vocab
+here). Answers are noise; only the shapes matter. EOS is disabled in the exported manifest so a
+benchmark generates exactly the number of tokens it asks for.
+
+``feather_export.export.shapes.export_shape_artifacts`` builds a model once and exports several
+artifacts from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from feather_export.errors import FeatherError
+
+SHAPE_SEED = 20261206
+INIT_STD = 0.02          # initializer_range of llava-hf configs: keeps fp16 activations in range
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """Geometry of a LLaVA-1.5-style model (CLIP vision tower + 2-layer GELU projector + Llama)."""
+
+    description: str
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    vision_feature_layer: int = -2
+    rope_theta: float = 10000.0
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+_CLIP_L_336 = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_intermediate=4096,
+                   vision_layers=24, vision_heads=16)
+
+SHAPE_MODELS: dict[str, ShapeSpec] = {
+    "shape-llava-1.5-7b": ShapeSpec(
+        "LLaVA-1.5-7B geometry: CLIP-L/14-336 (24 layers, feature layer -2) + Llama-2-7B "
+        "(32 layers, hidden 4096, 32 heads, FFN 11008, vocab 32064)",
+        **_CLIP_L_336, hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
+        vocab=32064),
+    "shape-llava-1.5-13b": ShapeSpec(
+        "LLaVA-1.5-13B geometry: CLIP-L/14-336 + Llama-2-13B (40 layers, hidden 5120, 40 heads, "
+        "FFN 13824, vocab 32064)",
+        **_CLIP_L_336, hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824,
+        vocab=32064),
+    "shape-llava-1b": ShapeSpec(
+        "~1.2B LLaVA-shaped model for CPU: CLIP-L/14-336 (576 image tokens) + a TinyLlama-sized "
+        "Llama (16 layers, hidden 2048, 16 heads, FFN 5632, vocab 32064)",
+        **_CLIP_L_336, hidden=2048, layers=16, heads=16, kv_heads=16, intermediate=5632,
+        vocab=32064),
+}
+
+
+def shape_spec(name: str) -> ShapeSpec:
+    if name not in SHAPE_MODELS:
+        raise FeatherError(f"unknown shape model {name!r}; choose one of {', '.join(SHAPE_MODELS)}")
+    return SHAPE_MODELS[name]
+
+
+def shape_llava_config(name: str):
+    """The ``LlavaConfig`` of a shape model (no weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from feather_export.models.tokenizer import (BOS_TOKEN_ID, EOS_TOKEN_ID, IMAGE_TOKEN_ID,
+                                                 PAD_TOKEN_ID, TINY_VOCAB_SIZE)
+
+    spec = shape_spec(name)
+    if spec.vocab < TINY_VOCAB_SIZE:
+        raise FeatherError(f"{name}: vocab {spec.vocab} is smaller than the tiny tokenizer's")
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=768,
+        hidden_act="quick_gelu")
+    text = LlamaConfig(
+        hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                       image_seq_length=spec.num_image_tokens,
+                       vision_feature_layer=spec.vision_feature_layer,
+                       projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def build_shape_model(name: str, progress: Callable[[str], None] | None = None):
+    """A ``LlavaForConditionalGeneration`` of the shape, fp32, deterministic N(0, 0.02) weights.
+
+    EOS is cleared from the generation config: an artifact exported from it never stops early.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    say = progress or (lambda msg: None)
+    config = shape_llava_config(name)
+    with no_init_weights():                 # allocation only; the weights are filled below
+        model = LlavaForConditionalGeneration(config)
+    rng = np.random.default_rng(SHAPE_SEED + sum(map(ord, name)))
+    count = sum(p.numel() for p in model.parameters())
+    say(f"filling {count / 1e9:.2f}B random parameters of {name}")
+    with torch.no_grad():
+        for module in model.modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if pname == "weight" and (p.dim() >= 2 or isinstance(module, torch.nn.Embedding)):
+                    _fill_normal(p, rng)
+                elif pname == "weight":                     # norms
+                    p.fill_(1.0)
+                elif pname == "class_embedding":
+                    _fill_normal(p, rng)
+                else:                                       # biases
+                    p.zero_()
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def _fill_normal(param, rng, chunk: int = 1 << 24) -> None:
+    """N(0, INIT_STD) from numpy's PCG64 (several times faster than torch's generator), in chunks."""
+    import torch
+
+    flat = param.view(-1)
+    for lo in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - lo)
+        block = rng.standard_normal(n, dtype=np.float32)
+        block *= INIT_STD
+        flat[lo:lo + n].copy_(torch.from_numpy(block))

@@ -1,0 +1,75 @@
+"""The ``select_K`` segments: scoring in standard ops, then one ``feather::SelectTokens`` node.
+
+Decoder criteria (FEATHER, FastV) score with what layer K-1 already computed, output by the span
+before: the last position's query and the keys (FEATHER: before RoPE, image rows gathered here;
+FastV: RoPE'd, the cached ``present.{K-1}.key``). Dot products and softmax run in fp32; no
+projection is recomputed and no weight is duplicated.
+FasterVLM (K = 0) selects image features with the vision segment's ``cls_scores``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from feather_export.methods.config import Stage
+from feather_export.onnx.decoder import attn_geometry
+from feather_export.onnx.graph import GraphBuilder
+from feather_export.onnx.layers import F32, attention_probs, heads_first
+from feather_export.onnx.select_op import select_function, select_node
+
+SELECT_OUTPUTS = ["kept", "pruned_hidden_states", "pruned_position_ids"]
+
+
+def score_input_names(stage: Stage) -> tuple[str, str]:
+    """The span outputs a select segment scores with: (query, keys)."""
+    src = stage.layer - 1
+    keys = f"score_keys.{src}" if stage.criterion == "feather" else f"present.{src}.key"
+    return f"score_query.{src}", keys
+
+
+def build_select(model, stage: Stage, side: int, et: int):
+    if stage.criterion == "fastervlm":
+        return _build_vision_select(model, stage, side, et)
+    cfg = model.model.language_model.config
+    heads, kv_heads, head_dim = attn_geometry(cfg)
+    d, n = cfg.hidden_size, stage.num_in
+    g = GraphBuilder(f"select_{stage.layer}")
+    query_name, keys_name = score_input_names(stage)
+    query = g.input(query_name, et, [1, 1, heads, head_dim])
+    keys = g.input(keys_name, et, [1, kv_heads, "seq", head_dim])           # heads-first
+    hidden = g.input("hidden_states", et, [1, "seq", d])
+    positions = g.input("position_ids", 7, [1, "seq"])
+    start = g.input("image_start", 7, [])
+    image_rows = g.op("Add", g.op("Range", g.const(0), g.const(n), g.const(1)), start)
+    if stage.criterion == "feather":            # no rotary embedding, keys = current image tokens
+        keys = g.op("Gather", keys, image_rows, axis=2)
+    q, k = heads_first(g, g.op("Cast", query, to=F32)), g.op("Cast", keys, to=F32)
+    probs = attention_probs(g, q, k, heads // kv_heads, kv_heads, head_dim, None)  # [1,kvh,g,1,T]
+    scores = g.op("Reshape", g.op("ReduceMean", probs, axes=[0, 1, 2, 3], keepdims=0), g.const([-1]))
+    if stage.criterion == "fastv":              # RoPE'd keys of the whole causal row: image columns
+        scores = g.op("Gather", scores, image_rows, axis=0)
+    scores = g.op("Identity", scores, outputs=["scores"])
+    outs = [f"{name}_sel" for name in SELECT_OUTPUTS]
+    select_node(g, scores, hidden, positions, start, budget=stage.keep, num_image_tokens=n,
+                grid_side=side, grid_stride=stage.grid_stride, criterion=stage.criterion,
+                outputs=outs, name=f"SelectTokens_{stage.layer}")
+    for src_name, name, shape, t in zip(outs, SELECT_OUTPUTS,
+                                        ([stage.keep], [1, "pruned_seq", d], [1, "pruned_seq"]),
+                                        (7, et, 7)):
+        g.output(src_name, name, t, shape)
+    g.output(scores, "scores", F32, [n])
+    return g.model([select_function()])
+
+
+def _build_vision_select(model, stage: Stage, side: int, et: int):
+    d = model.config.text_config.hidden_size
+    n = stage.num_in
+    g = GraphBuilder("select_0")
+    scores = g.input("cls_scores", F32, [n])
+    features = g.input("image_features", et, [1, n, d])
+    positions = g.const(np.arange(n, dtype=np.int64)[None])
+    select_node(g, scores, features, positions, g.const(0), budget=stage.keep, num_image_tokens=n,
+                grid_side=side, grid_stride=0, criterion="fastervlm",
+                outputs=["kept_sel", "features_sel", "unused_positions"], name="SelectTokens_0")
+    g.output("kept_sel", "kept", 7, [stage.keep])
+    g.output("features_sel", "pruned_image_features", et, [1, stage.keep, d])
+    return g.model([select_function()])

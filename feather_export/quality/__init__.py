@@ -1,0 +1,1 @@
+"""Quality: the synthetic shapes task, training the tiny-shapes model, evaluation and kept-token overlays."""

@@ -1,0 +1,1 @@
+"""TensorRT: engine plans and optimization profiles, the engine builder, the compatibility lint."""
