@@ -21,7 +21,16 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", help="LAYER:COUNT,... e.g. 8:144,16:13 (overrides layers/counts)")
     p.add_argument("--stride", type=int, help="FEATHER grid stride (default: smallest s>=3 with "
                    "|grid| <= budget/2; 0 disables the grid)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="activations and float weights (default: fp32)")
+    p.add_argument("--weights", default="float", choices=["float", "int8", "int4"],
+                   help="decoder linear weights: float (the --dtype), int8 per output channel or "
+                        "int4 per block, symmetric, weight-only (opset 21) (default: float)")
+    p.add_argument("--block-size", type=int, default=128,
+                   help="int4 block along the input width, a power of two >= 16, capped at the "
+                        "width (default: 128)")
+    p.add_argument("--lm-head-weights", default="float", choices=["float", "int8", "int4"],
+                   help="lm_head weights, quantized like --weights when int8/int4 (default: float)")
     p.add_argument("--max-text-tokens", type=int, default=512, help="prompt text bound")
     p.add_argument("--max-new-tokens", type=int, default=512, help="generation bound")
     p.add_argument("--trt-plugin-only", action="store_true",
@@ -34,7 +43,9 @@ def _export_options(args):
 
     return ExportOptions(method=args.method, budget=args.budget, schedule=args.schedule,
                          stride=args.stride, dtype=args.dtype, max_text_tokens=args.max_text_tokens,
-                         max_new_tokens=args.max_new_tokens, trt_plugin_only=args.trt_plugin_only)
+                         max_new_tokens=args.max_new_tokens, trt_plugin_only=args.trt_plugin_only,
+                         weights=args.weights, block_size=args.block_size,
+                         lm_head_weights=args.lm_head_weights)
 
 
 def cmd_make_tiny(args) -> int:

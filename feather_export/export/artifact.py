@@ -19,7 +19,11 @@ from feather_runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, Seg
 
 from feather_export.methods.config import PruneConfig
 from feather_export.errors import FeatherError
-from feather_export.onnx.graph import DTYPES, OPSET
+from feather_export.onnx.graph import DTYPES, OPSET, QUANT_OPSET, SCALE_TYPES
+from feather_export.onnx.quantize import (DEFAULT_BLOCK_SIZE, QMAX, WeightQuant,
+                                          check_block_size)
+
+WEIGHT_CHOICES = ("float", *QMAX)
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000     # protobuf's limit is 2 GB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -36,6 +40,16 @@ class ExportOptions:
     max_text_tokens: int = 512
     max_new_tokens: int = 512
     trt_plugin_only: bool = False       # drop the function body so TensorRT must use the plugin
+    weights: str = "float"              # decoder linear weights: float (the dtype), int8, int4
+    block_size: int = DEFAULT_BLOCK_SIZE    # int4 block along the input width (capped at it)
+    lm_head_weights: str = "float"
+
+    def decoder_quant(self) -> WeightQuant | None:
+        return None if self.weights == "float" else WeightQuant(self.weights, self.block_size)
+
+    def lm_head_quant(self) -> WeightQuant | None:
+        return (None if self.lm_head_weights == "float"
+                else WeightQuant(self.lm_head_weights, self.block_size))
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ def check_export(options: ExportOptions, geo, out: Path) -> PruneConfig:
         raise FeatherError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     if options.max_text_tokens < 1 or options.max_new_tokens < 1:
         raise FeatherError("--max-text-tokens and --max-new-tokens must be at least 1")
+    _check_weights(options)
     _check_output_dir(out)
     return PruneConfig.create(options.method, geo, budget=options.budget,
                               schedule=options.schedule, stride=options.stride)
@@ -108,14 +123,15 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "onnx").mkdir()
-        segments = []
+        segments, opset = [], OPSET
         for i, seg in enumerate(plan, 1):
             say(f"[{out.name} {i}/{len(plan)}] exporting {seg.name}")
-            onnx_model = _build(model, seg, cfg, geo.grid_side, et, options.trt_plugin_only)
+            onnx_model = _build(model, seg, cfg, geo.grid_side, et, options)
             segments.append(_save_segment(tmp, seg, onnx_model))
+            opset = max(opset, onnx_model.opset_import[0].version)
             del onnx_model                       # large models: free each graph once saved
         files = _copy_inputs(model.config.vision_config.image_size, source, tmp)
-        manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files)
+        manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files, opset)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:
@@ -123,6 +139,39 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
         raise
     say(f"wrote {out} ({len(plan)} segments, method {cfg.method}, budget {cfg.budget})")
     return out
+
+
+def _check_weights(options: ExportOptions) -> None:
+    for flag, value in (("--weights", options.weights), ("--lm-head-weights", options.lm_head_weights)):
+        if value not in WEIGHT_CHOICES:
+            raise FeatherError(f"{flag} {value!r} is not one of {', '.join(WEIGHT_CHOICES)}")
+    quantized = options.weights != "float" or options.lm_head_weights != "float"
+    if quantized and DTYPES[options.dtype] not in SCALE_TYPES:
+        raise FeatherError(f"--weights/--lm-head-weights int8|int4 need --dtype fp32 or fp16 "
+                           f"(ONNX Runtime's CPU DequantizeLinear has no {options.dtype} output)")
+    if "int4" in (options.weights, options.lm_head_weights):
+        check_block_size(options.block_size)
+    elif options.block_size != DEFAULT_BLOCK_SIZE:
+        raise FeatherError("--block-size only applies to int4 weights (--weights int4 or "
+                           "--lm-head-weights int4)")
+
+
+def _quantization(options: ExportOptions) -> dict:
+    """The manifest's ``quantization`` record (docs/design.md §6)."""
+    if options.weights == "float" and options.lm_head_weights == "float":
+        return {"weights": "float", "lm_head": "float"}
+    return {
+        "weights": options.weights, "lm_head": options.lm_head_weights,
+        "block_size": options.block_size if "int4" in (options.weights,
+                                                       options.lm_head_weights) else None,
+        "scheme": "symmetric (zero point 0), round to nearest even; int8 per output channel "
+                  "(-127..127), int4 per block along the input width (-7..7)",
+        "scale_dtype": options.dtype,
+        "float": "embeddings, norms, vision tower, projector"
+                 + ("" if options.weights != "float" else ", decoder linears")
+                 + ("" if options.lm_head_weights != "float" else ", lm_head"),
+        "opset": QUANT_OPSET,
+    }
 
 
 def _check_output_dir(out: Path) -> None:
@@ -133,7 +182,7 @@ def _check_output_dir(out: Path) -> None:
                            "choose a new directory (an existing artifact would be replaced)")
 
 
-def _build(model, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, plugin_only: bool):
+def _build(model, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, options: ExportOptions):
     from feather_export.onnx.decoder import build_decoder_span, build_embed
     from feather_export.onnx.select import build_select
     from feather_export.onnx.vision import build_vision
@@ -146,9 +195,11 @@ def _build(model, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, plugin
         a, b = seg.layers
         final = b == model.config.text_config.num_hidden_layers
         return build_decoder_span(model, a, b, et, final=final, score_layer=seg.score_layer,
-                                  score_criterion=seg.score_criterion)
+                                  score_criterion=seg.score_criterion,
+                                  quant=options.decoder_quant(),
+                                  lm_head_quant=options.lm_head_quant())
     onnx_model = build_select(model, cfg.stages[seg.stage], side, et)
-    if plugin_only:
+    if options.trt_plugin_only:
         del onnx_model.functions[:]
     return onnx_model
 
@@ -205,7 +256,7 @@ def _copy_inputs(image_size: int, source: Path | None, tmp: Path) -> list[dict]:
 
 
 def _manifest(model, model_id: str, source, cfg: PruneConfig, options: ExportOptions, geo,
-              segments: list[Segment], files: list[dict]) -> dict:
+              segments: list[Segment], files: list[dict], opset: int) -> dict:
     import onnx
     import torch
     import transformers
@@ -235,7 +286,8 @@ def _manifest(model, model_id: str, source, cfg: PruneConfig, options: ExportOpt
         },
         "prune": cfg.to_dict(),
         "dtype": options.dtype,
-        "opset": OPSET,
+        "opset": opset,
+        "quantization": _quantization(options),
         "max_text_tokens": options.max_text_tokens,
         "max_new_tokens": options.max_new_tokens,
         "trt_plugin_only": options.trt_plugin_only,

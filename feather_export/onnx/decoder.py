@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from feather_export.errors import FeatherError
-from feather_export.onnx.graph import GraphBuilder
+from feather_export.onnx.graph import OPSET, QUANT_OPSET, GraphBuilder
 from feather_export.onnx.layers import (F32, activation, apply_rope, cached_attention, causal_mask,
                                         dim, heads_first, linear, past_mask, rms_norm, rope_tables,
                                         split_heads)
@@ -42,8 +42,12 @@ def build_embed(model, et: int):
 
 
 def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
-                       score_layer: int | None = None, score_criterion: str | None = None):
+                       score_layer: int | None = None, score_criterion: str | None = None,
+                       quant=None, lm_head_quant=None):
     """Layers [start, end); ``final`` adds the norm and lm_head on the last position.
+
+    ``quant`` / ``lm_head_quant`` (``WeightQuant`` or None): the layers' linear weights / lm_head
+    stored quantized (docs/design.md §6); None keeps them in the float dtype.
 
     Static KV cache: ``past_key_values.{i}.key/value`` are the runtime's whole preallocated
     buffers [1, kv_heads, capacity, head_dim] (heads-first, as transformers), of which the first
@@ -61,7 +65,8 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     check_text_config(cfg)
     heads, kv_heads, head_dim = attn_geometry(cfg)
     d = cfg.hidden_size
-    g = GraphBuilder(f"decoder_{start}_{end}")
+    quantized = quant is not None or (final and lm_head_quant is not None)
+    g = GraphBuilder(f"decoder_{start}_{end}", QUANT_OPSET if quantized else OPSET)
     hidden = g.input("inputs_embeds", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])
     past_length = g.input("past_length", 7, [])
@@ -74,22 +79,23 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     for i, (past_k, past_v) in zip(range(start, end), pasts):
         score = score_criterion if i == score_layer else None
         hidden = _llama_layer(g, lm.layers[i], i, hidden, cos, sin, mask, past_k, past_v,
-                              (heads, kv_heads, head_dim), et, score)
+                              (heads, kv_heads, head_dim), et, score, quant)
     if final:
         last = g.op("Slice", hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
         normed = rms_norm(g, last, lm.norm, "norm", et)
-        logits = g.op("Cast", linear(g, normed, model.lm_head, "lm_head", et), to=F32)
+        logits = g.op("Cast", linear(g, normed, model.lm_head, "lm_head", et, lm_head_quant), to=F32)
         g.output(logits, "logits", F32, [1, 1, cfg.vocab_size])
     else:
         g.output(hidden, "hidden_states", et, [1, "seq", d])
     return g.model()
 
 
-def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et, score=None):
+def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et, score=None,
+                 quant=None):
     heads, kv_heads, head_dim = geometry
     attn, p = layer.self_attn, f"layers.{i}"
     x = rms_norm(g, hidden, layer.input_layernorm, f"{p}.input_layernorm", et)
-    qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et)
+    qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et, quant)
     q, k, v = g.op("Split", qkv, g.const([heads * head_dim, kv_heads * head_dim,
                                           kv_heads * head_dim]), axis=-1, outputs=3)
     q, k = split_heads(g, q, heads, head_dim), split_heads(g, k, kv_heads, head_dim)
@@ -104,14 +110,15 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
     g.output(k_new, f"present.{i}.key", et, [1, kv_heads, "seq", head_dim])
     g.output(v_new, f"present.{i}.value", et, [1, kv_heads, "seq", head_dim])
     ctx = cached_attention(g, q, past_k, past_v, k_new, v_new, *mask, geometry, et)
-    hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et))
+    hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et, quant))
     x = rms_norm(g, hidden, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", et)
     mlp = layer.mlp
     inter = mlp.gate_proj.out_features
-    gate_up = linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{p}.gate_up_proj", et)
+    gate_up = linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{p}.gate_up_proj", et, quant)
     gate, up = g.op("Split", gate_up, g.const([inter, inter]), axis=-1, outputs=2)
     act = activation(g, gate, "silu", et)
-    return g.op("Add", hidden, linear(g, g.op("Mul", act, up), mlp.down_proj, f"{p}.down_proj", et))
+    down = linear(g, g.op("Mul", act, up), mlp.down_proj, f"{p}.down_proj", et, quant)
+    return g.op("Add", hidden, down)
 
 
 def _score_outputs(g, i, q, k_pre_rope, criterion, geometry, et) -> None:

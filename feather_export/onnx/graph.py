@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 
 OPSET = 17          # TensorRT 10.3 (JetPack 6) parses opsets up to 20; 17 has LayerNormalization
+QUANT_OPSET = 21    # DequantizeLinear with INT4 and block_size (graphs holding quantized weights only)
 FEATHER_DOMAIN = "feather"
 
 DTYPES = {"fp32": 1, "fp16": 10, "bf16": 16}          # onnx.TensorProto element types
@@ -26,14 +27,40 @@ def tensor_from_torch(name: str, tensor, elem_type: int):
     return proto
 
 
+SCALE_TYPES = {1: np.float32, 10: np.float16}             # bf16 artifacts are not quantized
+INT8, INT4 = 3, 22                                          # onnx.TensorProto element types
+
+
+def quantized_codes(name: str, qw):
+    """The codes initializer: INT8 ``[K, N]``, or INT4 packed two per byte."""
+    from onnx import TensorProto
+
+    from feather_export.onnx.quantize import pack_int4
+
+    k, n = qw.codes.shape
+    proto = TensorProto(name=name, data_type=INT8 if qw.block is None else INT4, dims=[k, n])
+    proto.raw_data = qw.codes.tobytes() if qw.block is None else pack_int4(qw.codes)
+    return proto
+
+
+def scales_tensor(name: str, scales: np.ndarray, elem_type: int):
+    from onnx import TensorProto
+
+    proto = TensorProto(name=name, data_type=elem_type, dims=list(scales.shape))
+    proto.raw_data = np.ascontiguousarray(scales).tobytes()
+    return proto
+
+
 class GraphBuilder:
     """Collects nodes and initializers; ``op`` returns the output name(s) of the new node."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, opset: int = OPSET):
+        """``opset``: QUANT_OPSET for graphs that hold quantized weights, else the default."""
         self.name = name
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self._counter = itertools.count()
         self._consts: dict[tuple, str] = {}
+        self.opset = opset
 
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._counter)}"
@@ -52,6 +79,29 @@ class GraphBuilder:
     def weight(self, name: str, tensor, elem_type: int) -> str:
         self.initializers.append(tensor_from_torch(name, tensor, elem_type))
         return name
+
+    def quantized_weight(self, name: str, tensor, elem_type: int, quant) -> str:
+        """A ``[K, N]`` weight stored quantized (``quant``: a ``WeightQuant``), returned as the
+        output of its ``DequantizeLinear`` (in ``elem_type``, the MatMul's type). Only this one
+        tensor is converted to fp32 for quantization."""
+        from feather_export.onnx.quantize import quantize
+
+        if self.opset < QUANT_OPSET:
+            raise ValueError(f"graph {self.name} was created at opset {self.opset}; quantized "
+                             f"weights need GraphBuilder(..., opset={QUANT_OPSET})")
+        qw = quantize(tensor.detach().float().cpu().numpy(), quant.kind, quant.block_size,
+                      SCALE_TYPES[elem_type])
+        self.initializers.append(quantized_codes(f"{name}_quantized", qw))
+        self.initializers.append(scales_tensor(f"{name}_scale", qw.scales, elem_type))
+        attrs = {"axis": 1} if qw.block is None else {"axis": 0, "block_size": qw.block}
+        return self.op("DequantizeLinear", f"{name}_quantized", f"{name}_scale",
+                       outputs=[name], name=f"{name}_dequantize", **attrs)
+
+    def reduce_mean(self, x: str, axes: list[int], keepdims: int = 1) -> str:
+        """ReduceMean in this graph's opset (axes became an input in opset 18)."""
+        if self.opset >= 18:
+            return self.op("ReduceMean", x, self.const(axes), keepdims=keepdims)
+        return self.op("ReduceMean", x, axes=axes, keepdims=keepdims)
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant initializer, shared between uses of the same value."""
@@ -84,10 +134,11 @@ class GraphBuilder:
 
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=self.initializers, doc_string=doc)
-        opsets = [helper.make_opsetid("", OPSET)]
+        opsets = [helper.make_opsetid("", self.opset)]
         if functions:
             opsets.append(helper.make_opsetid(FEATHER_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, functions=list(functions),
                                   producer_name="feather-export")
-        model.ir_version = 8      # ONNX Runtime >= 1.14 and TensorRT 10.x read IR 8
+        # ONNX Runtime >= 1.14 and TensorRT 10.x read IR 8; INT4 and opset 21 need IR 10
+        model.ir_version = 8 if self.opset == OPSET else 10
         return model

@@ -18,13 +18,20 @@ def cast(g: GraphBuilder, x: str, from_type: int, to_type: int) -> str:
     return x if from_type == to_type else g.op("Cast", x, to=to_type)
 
 
-def linear(g: GraphBuilder, x: str, module, prefix: str, et: int) -> str:
-    """x @ W^T + b for a torch ``nn.Linear`` (or a list of them fused along the output axis)."""
+def linear(g: GraphBuilder, x: str, module, prefix: str, et: int, quant=None) -> str:
+    """x @ W^T + b for a torch ``nn.Linear`` (or a list of them fused along the output axis).
+
+    ``quant`` (a ``WeightQuant``) stores W^T quantized: ``DequantizeLinear`` feeding the MatMul.
+    """
     import torch
 
     modules = module if isinstance(module, (list, tuple)) else [module]
     weight = torch.cat([m.weight for m in modules], dim=0).t()
-    y = g.op("MatMul", x, g.weight(f"{prefix}.weight", weight, et))
+    if quant is None:
+        w = g.weight(f"{prefix}.weight", weight, et)
+    else:
+        w = g.quantized_weight(f"{prefix}.weight", weight, et, quant)
+    y = g.op("MatMul", x, w)
     if modules[0].bias is not None:
         bias = torch.cat([m.bias for m in modules])
         y = g.op("Add", y, g.weight(f"{prefix}.bias", bias, et))
@@ -34,7 +41,7 @@ def linear(g: GraphBuilder, x: str, module, prefix: str, et: int) -> str:
 def rms_norm(g: GraphBuilder, x: str, module, prefix: str, et: int) -> str:
     """Llama RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight."""
     x32 = cast(g, x, et, F32)
-    var = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
+    var = g.reduce_mean(g.op("Mul", x32, x32), [-1])
     eps = g.const(np.float32(module.variance_epsilon), np.float32)
     normed = g.op("Div", x32, g.op("Sqrt", g.op("Add", var, eps)))
     return g.op("Mul", cast(g, normed, F32, et), g.weight(f"{prefix}.weight", module.weight, et))
