@@ -31,6 +31,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="feather",
                    help="pruning methods to compare with none (feather,fastv,fastervlm)")
+    p.add_argument("--weights", default="float",
+                   help="weight formats of the `none` artifact, e.g. float,int8,int4 (the float "
+                        "one is the reference; pruned methods use float)")
     p.add_argument("--budget", type=int, default=144)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -53,22 +56,22 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _artifact_gib() -> float:
-    from feather_export.bench.perf_model import shape_from_config
+def _artifact_gib(weights: str = "float") -> float:
+    from feather_export.bench.perf_model import WeightFormat, shape_from_config, span_cost
     from feather_export.models.shapes import shape_llava_config
 
     shape = shape_from_config(shape_llava_config(MODEL))
     llm = shape.llm
-    params = (llm.layers * llm.layer_params() + 2 * llm.vocab * llm.hidden
-              + shape.vision.params())
-    return params * 4 / GIB
+    decoder = span_cost(llm, llm.layers, 0, 0, True, 4, weights=WeightFormat(weights)).bytes
+    return (decoder + llm.vocab * llm.hidden * 4 + shape.vision.params() * 4) / GIB
 
 
-def check_resources(work: Path, to_export: int, loaded: int) -> None:
-    """Disk for the artifacts still to export; memory for all of them loaded side by side."""
+def check_resources(work: Path, to_export: int, loaded: int, size: float | None = None) -> None:
+    """Disk for the artifacts still to export; memory for all of them loaded side by side
+    (``size``: the mean GiB of one artifact; default fp32)."""
     from feather_runtime import FeatherError
 
-    size = _artifact_gib()
+    size = size or _artifact_gib()
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free / GIB
     if free < size * to_export * 1.1 + 2:
@@ -106,6 +109,10 @@ def main(argv=None) -> int:
     try:
         jobs = [(work / "none", ExportOptions(method="none", max_text_tokens=64,
                                               max_new_tokens=max_gen))]
+        formats = [w.strip() for w in args.weights.split(",") if w.strip() not in ("", "float")]
+        jobs += [(work / f"none-{w}", ExportOptions(method="none", max_text_tokens=64,
+                                                    max_new_tokens=max_gen, weights=w))
+                 for w in formats]
         jobs += [(work / f"{m}{args.budget}",
                   ExportOptions(method=m, budget=args.budget, max_text_tokens=64,
                                 max_new_tokens=max_gen)) for m in methods]
@@ -114,7 +121,8 @@ def main(argv=None) -> int:
                 if not (args.reuse_artifacts and (out / "feather.json").is_file())]
         if len(todo) < len(jobs):
             say(f"reusing {len(jobs) - len(todo)} artifact(s) in {work}")
-        check_resources(work, len(todo), len(jobs))
+        sizes = [_artifact_gib(o.weights) for _, o in jobs]
+        check_resources(work, len(todo), len(jobs), sum(sizes) / len(sizes))
         if todo:
             export_shape_artifacts(MODEL, todo, progress=say)
         paths = [out for out, _ in jobs]

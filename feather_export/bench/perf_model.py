@@ -25,6 +25,35 @@ from feather_export.errors import FeatherError
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How an artifact stores its decoder linears and lm_head (the manifest's ``quantization``)."""
+    kind: str = "float"          # float | int8 | int4
+    block_size: int = 128
+    lm_head: str = "float"
+
+    @classmethod
+    def from_manifest(cls, record: dict | None) -> "WeightFormat":
+        record = record or {}
+        return cls(record.get("weights", "float"), record.get("block_size") or 128,
+                   record.get("lm_head", "float"))
+
+    @property
+    def label(self) -> str:
+        return "" if self.kind == self.lm_head == "float" else (
+            f"+{self.kind}" + (f"/head-{self.lm_head}" if self.lm_head != "float" else ""))
+
+
+def linear_bytes(k: int, n: int, kind: str, block_size: int, elem: int) -> float:
+    """Stored bytes of a [K, N] linear weight: float, int8 (+ N scales), int4 (0.5 byte + a scale
+    per block of the input width)."""
+    if kind == "int8":
+        return float(k * n + n * elem)
+    if kind == "int4":
+        return k * n / 2 + -(-k // block_size) * n * elem
+    return float(k * n * elem)
+
+
 # ---- geometry ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -131,24 +160,28 @@ def embed_cost(llm: LlmGeometry, seq: int, elem: int) -> Cost:
 
 
 def span_cost(llm: LlmGeometry, layers: int, n: int, past: int, final: bool, elem: int,
-              score_criterion: str | None = None) -> Cost:
+              score_criterion: str | None = None, weights: WeightFormat | None = None) -> Cost:
     """``layers`` decoder layers on n new tokens over ``past`` cached ones (+ norm and lm_head on
     the last position when ``final``). A span before a prune point also outputs the scoring
     inputs of its last layer: the last query, and for FEATHER the keys before RoPE."""
     d = llm.hidden
     flops = layers * decoder_layer_flops(n, d, llm.intermediate, past, llm.q_dim, llm.kv_dim)
-    weights = layers * llm.layer_params()
+    fmt = weights or WeightFormat()
+    d, q, kv_d, m = llm.hidden, llm.q_dim, llm.kv_dim, llm.intermediate
+    linears = ((d, q + 2 * kv_d), (q, d), (d, 2 * m), (m, d))        # qkv, o, gate_up, down
+    weight_bytes = layers * (sum(linear_bytes(k, w, fmt.kind, fmt.block_size, elem)
+                                 for k, w in linears) + 2 * d * elem)
     kv = layers * 2 * llm.kv_dim * (past + n) * elem                   # read the past, write new
     act = n * d * elem + n * 8                                         # hidden and positions in
     if final:
         flops += 2 * d * llm.vocab
-        weights += d * llm.vocab + d
+        weight_bytes += linear_bytes(d, llm.vocab, fmt.lm_head, fmt.block_size, elem) + d * elem
         act += llm.vocab * 4
     else:
         act += n * d * elem
     if score_criterion is not None:
         act += llm.q_dim * elem + (n * llm.kv_dim * elem if score_criterion == "feather" else 0)
-    return Cost(float(flops), float(weights * elem + kv + act))
+    return Cost(float(flops), float(weight_bytes + kv + act))
 
 
 def select_cost(llm: LlmGeometry, criterion: str, seq: int, num_in: int, keep: int,
@@ -188,7 +221,8 @@ def _stages(prune) -> list:
     return list(prune.stages) if prune is not None else []
 
 
-def prefill_costs(shape: ModelShape, prune, text_tokens: int, dtype: str) -> list[SegmentCost]:
+def prefill_costs(shape: ModelShape, prune, text_tokens: int, dtype: str,
+                  weights: WeightFormat | None = None) -> list[SegmentCost]:
     """Every prefill segment of an artifact with ``prune`` (a ``PruneConfig``), in run order, named
     as the exporter names them."""
     from feather_export.methods.config import PruneConfig
@@ -210,7 +244,8 @@ def prefill_costs(shape: ModelShape, prune, text_tokens: int, dtype: str) -> lis
             a, b = seg.layers
             out.append(SegmentCost(seg.name, "decoder",
                                    span_cost(llm, b - a, seq, 0, b == llm.layers, elem,
-                                             score_criterion=_score_criterion(seg, stages)),
+                                             score_criterion=_score_criterion(seg, stages),
+                                             weights=weights),
                                    seq))
         else:
             st = stages[seg.stage]
@@ -223,7 +258,8 @@ def prefill_costs(shape: ModelShape, prune, text_tokens: int, dtype: str) -> lis
     return out
 
 
-def decode_costs(shape: ModelShape, prune, cache_len: int, dtype: str) -> list[SegmentCost]:
+def decode_costs(shape: ModelShape, prune, cache_len: int, dtype: str,
+                 weights: WeightFormat | None = None) -> list[SegmentCost]:
     """One decode step (S = 1) when the unpruned sequence so far has ``cache_len`` tokens: embed,
     then every decoder span against its own cache (shorter after each prune point)."""
     from feather_export.methods.config import PruneConfig
@@ -245,7 +281,8 @@ def decode_costs(shape: ModelShape, prune, cache_len: int, dtype: str) -> list[S
         past = cache_len - dropped
         out.append(SegmentCost(seg.name, "decoder",
                                span_cost(llm, b - a, 1, past, b == llm.layers, elem,
-                                         score_criterion=_score_criterion(seg, stages)), 1, past))
+                                         score_criterion=_score_criterion(seg, stages),
+                                         weights=weights), 1, past))
     return out
 
 

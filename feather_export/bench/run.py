@@ -82,6 +82,7 @@ class Target:
     dtype: str
     model_id: str
     path: str | None = None
+    weights: object = None     # perf_model.WeightFormat (None: float)
 
     @property
     def budget(self) -> int:
@@ -90,7 +91,8 @@ class Target:
     def to_dict(self) -> dict:
         return {"label": self.label, "method": self.method, "budget": self.budget,
                 "prune": self.prune.to_dict(), "dtype": self.dtype, "model": self.model_id,
-                "path": self.path}
+                "path": self.path,
+                "weights": self.weights.__dict__ if self.weights is not None else None}
 
 
 def target_label(prune) -> str:
@@ -104,7 +106,7 @@ def targets_from_manifests(manifests) -> list[Target]:
     """Check that artifacts are comparable (same model config, same precision, one ``none`` at
     most, no duplicates) and describe them."""
     from feather_export.methods.config import PruneConfig
-    from feather_export.bench.perf_model import shape_from_manifest
+    from feather_export.bench.perf_model import WeightFormat, shape_from_manifest
 
     if not manifests:
         raise FeatherError("give at least one artifact directory to benchmark")
@@ -126,8 +128,9 @@ def targets_from_manifests(manifests) -> list[Target]:
     targets = []
     for m in manifests:
         prune = PruneConfig.from_dict(m["prune"])
-        targets.append(Target(target_label(prune), prune.method, prune, shape, m["dtype"],
-                              m["model"]["id"], str(m.root)))
+        weights = WeightFormat.from_manifest(m.data.get("quantization"))
+        targets.append(Target(target_label(prune) + weights.label, prune.method, prune, shape,
+                              m["dtype"], m["model"]["id"], str(m.root), weights))
     labels = [t.label for t in targets]
     if labels.count("none") > 1:
         raise FeatherError("more than one `none` artifact given; keep one as the reference")
@@ -135,7 +138,7 @@ def targets_from_manifests(manifests) -> list[Target]:
         if labels.count(t.label) > 1:
             layers = ",".join(str(s.layer) for s in t.prune.stages)
             targets[i] = Target(f"{t.label}[L{layers}]#{i}", t.method, t.prune, t.shape, t.dtype,
-                                t.model_id, t.path)
+                                t.model_id, t.path, t.weights)
     return targets
 
 
@@ -418,7 +421,8 @@ def summarize_sweep(target: Target, sweep: dict, device) -> dict:
         for s in sweep["spans"].values():
             a, b = s["layers"]
             total_s += roofline_seconds(span_cost(llm, b - a, 1, length, b == llm.layers,
-                                                  _elem(target.dtype)), device, target.dtype)
+                                                  _elem(target.dtype), weights=target.weights),
+                                        device, target.dtype)
         predicted.append(total_s)
     out = {"lengths": lengths, "measured_s": measured, "predicted_s": predicted}
     if len(lengths) >= 2:
@@ -493,10 +497,11 @@ def decode_scaling(target: Target, samples: list[dict], device, prompt_len: int)
         return None
     past, secs = zip(*points)
     lo, hi = min(past), max(past)
-    pred = {p: _roofline(decode_costs(target.shape, target.prune, p, target.dtype), device,
+    pred = {p: _roofline(decode_costs(target.shape, target.prune, p, target.dtype, target.weights), device,
                          target.dtype) for p in sorted(set(past))}
     span = max(hi - lo, 1)
-    pred_slope = (_roofline(decode_costs(target.shape, target.prune, lo + span, target.dtype),
+    pred_slope = (_roofline(decode_costs(target.shape, target.prune, lo + span, target.dtype,
+                                         target.weights),
                             device, target.dtype) - pred[lo]) / span
     fit = _fit_line(past, secs)
     median_step = float(np.median(secs))
@@ -588,12 +593,14 @@ def summarize(targets: list[Target], samples: list[dict], device, prompt_len: in
     text_tokens = prompt_len - targets[0].shape.num_image_tokens
     measured = {t.label: [s for s in samples if s["target"] == t.label and not s["warmup"]]
                 for t in targets}
-    ref = next((t for t in targets if t.method == "none"), None)
+    ref = next((t for t in targets if t.label == "none"),
+               next((t for t in targets if t.method == "none"), None))
     rows, per_target = [], {}
-    ref_costs = (prefill_costs(ref.shape, ref.prune, text_tokens, ref.dtype) if ref else None)
+    ref_costs = (prefill_costs(ref.shape, ref.prune, text_tokens, ref.dtype, ref.weights)
+                 if ref else None)
     for t in targets:
         runs = measured[t.label]
-        costs = prefill_costs(t.shape, t.prune, text_tokens, t.dtype)
+        costs = prefill_costs(t.shape, t.prune, text_tokens, t.dtype, t.weights)
         for c in costs:
             rows.append(_row(t, c.name, c.kind, [s["timings"].get(c.name) for s in runs], [c],
                              device, tokens=c.tokens))
@@ -636,12 +643,13 @@ def summarize(targets: list[Target], samples: list[dict], device, prompt_len: in
                 continue
             rates = [decode_tokens_per_s(s["steps"], g) for s in runs]
             mean_past = prompt_len + (g - 1) / 2
-            step_costs = decode_costs(t.shape, t.prune, int(mean_past), t.dtype)
+            step_costs = decode_costs(t.shape, t.prune, int(mean_past), t.dtype, t.weights)
             extra = {}
             if ref is not None and t is not ref:
                 sp = _paired(runs, measured[ref.label],
                              lambda s, g=g: decode_tokens_per_s(s["steps"], g))
-                ref_step = decode_costs(ref.shape, ref.prune, int(mean_past), ref.dtype)
+                ref_step = decode_costs(ref.shape, ref.prune, int(mean_past), ref.dtype,
+                                        ref.weights)
                 extra = _speedup_fields(sp, total(ref_step).flops / total(step_costs).flops,
                                         _roofline(ref_step, device, t.dtype)
                                         / _roofline(step_costs, device, t.dtype))

@@ -31,6 +31,7 @@ from feather_export.errors import FeatherError
 TRT_VERSION = "10.3"
 OPSET_MIN, OPSET_MAX = 9, 20
 TOPK_MAX_K = 3840
+WEIGHT_ONLY_OPSET = 21   # DequantizeLinear with INT4 and block_size
 ERROR, WARNING = "error", "warning"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _STANDARD_NON_TRT_DOMAINS = ("ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training")
@@ -374,7 +375,47 @@ def _check_attrs(node, scope, lint):
             yield ERROR, "Resize keep_aspect_ratio_policy must be 'stretch'"
 
 
+TRT_INT4_BLOCK_SIZES = (64, 128)   # what NVIDIA's own INT4 AWQ/RTN exports use; others unconfirmed
+
+
+def _check_weight_dequantize(node, scope, lint):
+    """TensorRT weight-only quantization: a 2-D constant INT8/INT4 weight, symmetric (zero point
+    absent or 0); INT4 blocked along axis 0 with an even last dimension and a supported block."""
+    is_const, _ = scope.lookup(_input(node, 0))
+    if not is_const:
+        return                                    # activation Q/DQ: not weight-only, no rules here
+    init = next((t for t in lint.initializers if t.name == _input(node, 0)), None)
+    if init is None:
+        return
+    dims, elem = list(init.dims), init.data_type
+    if len(dims) != 2:
+        yield ERROR, (f"weight-only DequantizeLinear on a {len(dims)}-D weight; TensorRT's weight-only "
+                      "GEMMs take 2-D constant weights")
+    zp = _input(node, 2)
+    if zp:
+        zp_const, zp_value = scope.lookup(zp)
+        if not zp_const or (zp_value is not None and np.any(zp_value != 0)):
+            yield ERROR, "weight-only quantization must be symmetric: the zero point must be 0 or absent"
+    block = _attr(node, "block_size", 0)
+    if elem == TensorProto.INT4:
+        if not block:
+            yield ERROR, "INT4 weights need blocked quantization (block_size) in TensorRT"
+        if _attr(node, "axis", 1) != 0:
+            yield ERROR, "INT4 blocks must run along the input width (axis 0 of the [K, N] MatMul weight)"
+        if dims and dims[-1] % 2:
+            yield ERROR, f"INT4 weight {init.name} has an odd last dimension {dims[-1]}; TensorRT needs it even"
+        if block and block not in TRT_INT4_BLOCK_SIZES:
+            yield WARNING, (f"block_size {block}: TensorRT INT4 weight-only is confirmed with "
+                            f"{' or '.join(map(str, TRT_INT4_BLOCK_SIZES))} (re-export with --block-size 128)")
+        if block and len(dims) == 2 and dims[0] % block:
+            yield WARNING, (f"input width {dims[0]} is not a multiple of block_size {block} (a short last "
+                            "block): valid ONNX, not confirmed for TensorRT; choose a --block-size dividing it")
+    elif elem == TensorProto.INT8 and block:
+        yield WARNING, "blocked INT8 weights: TensorRT documents per-channel or per-tensor INT8"
+
+
 _CHECKERS = {
+    "DequantizeLinear": [_check_weight_dequantize],
     "TopK": [_check_topk], "Cast": [_check_cast], "Range": [_check_range], "Loop": [_check_loop],
     "If": [_check_if], "LayerNormalization": [_check_first_output_only],
     "AveragePool": [_check_pool], "MaxPool": [_check_pool], "LpPool": [_check_pool],
@@ -392,19 +433,27 @@ class _Linter:
         self.findings: list[LintFinding] = []
         self.functions = {(f.domain, f.name): f for f in model.functions}
         self.types: dict[str, int] = {}
+        self.initializers = list(model.graph.initializer)
         self._call_stack: list[tuple[str, str]] = []
 
     def add(self, node: str, op_type: str, reason: str, severity: str) -> None:
         self.findings.append(LintFinding(self.segment, node, op_type, reason, severity))
 
-    def check_opsets(self, opset_imports, where: str, node_path: str = "", op_type: str = "") -> None:
+    def check_opsets(self, opset_imports, where: str, node_path: str = "", op_type: str = "",
+                     weight_only: bool = False) -> None:
         versions = [o.version for o in opset_imports if o.domain in _DEFAULT_DOMAINS]
         if not versions:
             if not node_path:  # a function may rely on the model's opset
                 self.add("", "", "model has no default-domain (ai.onnx) opset_import", ERROR)
             return
         v = versions[0]
-        if not OPSET_MIN <= v <= OPSET_MAX:
+        if v == WEIGHT_ONLY_OPSET and weight_only:
+            self.add(node_path, op_type, f"{where} uses ai.onnx opset {v} for weight-only "
+                     f"DequantizeLinear (INT4, block_size): the TensorRT {TRT_VERSION} parser documents "
+                     f"opsets {OPSET_MIN}..{OPSET_MAX}, so parsing opset {v} there is unconfirmed (newer "
+                     "TensorRT 10 releases list it). Fallback: build TensorRT 10.3 engines from a float "
+                     "artifact (--weights float, opset 17) and keep this one for ONNX Runtime", WARNING)
+        elif not OPSET_MIN <= v <= OPSET_MAX:
             self.add(node_path, op_type, f"{where} uses ai.onnx opset {v}; the TensorRT {TRT_VERSION} parser "
                      f"supports opsets {OPSET_MIN}..{OPSET_MAX} — re-export with opset_version={OPSET_MAX} or lower",
                      ERROR)
@@ -522,7 +571,8 @@ def lint_model(model: onnx.ModelProto, segment: str = "model") -> list[LintFindi
     except Exception:  # tolerate models shape inference cannot handle: lint the original
         inferred = model
     lint = _Linter(inferred, segment)
-    lint.check_opsets(inferred.opset_import, "the model")
+    weight_only = any(n.op_type == "DequantizeLinear" for n in inferred.graph.node)
+    lint.check_opsets(inferred.opset_import, "the model", weight_only=weight_only)
     lint.graph(inferred.graph, _Scope().add_graph(inferred.graph), "", top=True)
     return lint.findings
 

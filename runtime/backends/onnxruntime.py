@@ -67,6 +67,10 @@ class OnnxRuntimeBackend:
         # idle intra-op threads that keep spinning after a call compete with the next segment's
         # call; off, the CPU 1B benchmark decoded 44-85% faster (benchmarks/results/cpu_1b_nospin)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # weight-only int8/int4 graphs (DequantizeLinear -> MatMul) are fused into MatMulNBits at
+        # load; level 4 (int8 activations in its kernels) decoded int8 weights ~3x faster than
+        # ORT's default on the CPU here (docs/quantization.md); float graphs ignore it
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
         for key, value in self.session_config:
             options.add_session_config_entry(key, value)
         if self.profile_dir is not None:
