@@ -166,3 +166,136 @@ def test_float_graphs_stay_at_opset_17():
     model, _ = _linear_graph(64, 8, None)
     assert model.opset_import[0].version == 17 and model.ir_version == 8
     assert all(n.op_type != "DequantizeLinear" for n in model.graph.node)
+
+
+# ---- artifacts: every tiny family model, manifest, check, runtime ------------------------------
+
+def _export(model, out, weights, **kw):
+    from feather_export.export.artifact import ExportOptions, export
+
+    return export(model, out, ExportOptions(method="feather", max_text_tokens=64, max_new_tokens=8,
+                                            weights=weights, **kw), progress=lambda m: None)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gqa"])
+def test_quantized_artifacts_of_tiny_models_build_check_and_run(model, tmp_path):
+    import onnx
+    from feather_runtime import Pipeline
+
+    from feather_export.tensorrt.lint import check_artifact
+
+    float_art = _export(model, tmp_path / "float", "float")
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    ref = Pipeline.load(float_art).generate(image=image, prompt="what?", max_new_tokens=4)
+    for weights in ("int8", "int4"):
+        art = _export(model, tmp_path / weights, weights)
+        manifest = __import__("json").loads((art / "feather.json").read_text())
+        assert manifest["opset"] == 21
+        assert manifest["quantization"]["weights"] == weights
+        assert manifest["quantization"]["lm_head"] == "float"
+        for seg in manifest["segments"]:
+            m = onnx.load(str(art / seg["file"]))
+            dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+            if seg["kind"] == "decoder":
+                layers = seg["layers"][1] - seg["layers"][0]
+                assert len(dq) == 4 * layers and m.opset_import[0].version == 21
+                assert "lm_head.weight" in {t.name for t in m.graph.initializer} or \
+                    "logits" not in [o.name for o in m.graph.output]
+            else:                                    # vision, embed, select stay float, opset 17
+                assert not dq and m.opset_import[0].version == 17
+        assert not [f for f in check_artifact(art) if f.severity == "error"]
+        res = Pipeline.load(art).generate(image=image, prompt="what?", max_new_tokens=4)
+        assert len(res.token_ids) >= 1 and len(res.kept) == len(ref.kept)
+
+
+def test_lm_head_quantized_and_float_artifacts_unchanged(tmp_path):
+    import json
+
+    import onnx
+
+    art = _export("tiny", tmp_path / "head", "float", lm_head_weights="int8")
+    manifest = json.loads((art / "feather.json").read_text())
+    assert manifest["quantization"]["lm_head"] == "int8" and manifest["opset"] == 21
+    last = onnx.load(str(art / manifest["segments"][-1]["file"]))
+    assert [n.output[0] for n in last.graph.node if n.op_type == "DequantizeLinear"] == \
+        ["lm_head.weight"]
+    float_art = _export("tiny", tmp_path / "float", "float")
+    manifest = json.loads((float_art / "feather.json").read_text())
+    assert manifest["opset"] == 17 and manifest["quantization"] == {"weights": "float",
+                                                                    "lm_head": "float"}
+
+
+def test_bad_weight_options_refused_before_loading(tmp_path):
+    from feather_export.cli.main import main
+
+    cases = [(["--weights", "int4", "--block-size", "100"], "power of two"),
+             (["--weights", "int8", "--dtype", "bf16"], "fp32 or fp16"),
+             (["--block-size", "64"], "only applies to int4")]
+    for extra, _ in cases:
+        assert main(["export", "--model", "tiny", "--out", str(tmp_path / "x"), *extra]) == 2
+        assert not (tmp_path / "x").exists()
+
+
+def test_golden_tokens_on_tiny_shapes(tmp_path):
+    """The trained model answers as the float artifact does with int8 and int4 weights (ORT's
+    MatMulNBits at accuracy level 4); benchmarks/results/quality_weights has the 300-sample rates."""
+    from feather_runtime import Pipeline
+
+    from feather_export.models.checkpoint import checkpoint_path
+    from feather_export.quality.evaluate import is_correct
+    from feather_export.quality.synthetic import make_samples
+
+    samples = make_samples("test", 12, seed=0)
+    tokens = {}
+    for weights in ("float", "int8", "int4"):
+        art = _export(str(checkpoint_path("tiny-shapes")), tmp_path / weights, weights)
+        pipe = Pipeline.load(art)
+        tokens[weights] = [pipe.generate(image=s.image(), prompt=s.question,
+                                         max_new_tokens=4).token_ids for s in samples]
+        if weights == "float":
+            accuracy = np.mean([is_correct(s, pipe.generate(image=s.image(), prompt=s.question,
+                                                            max_new_tokens=4).text)
+                                for s in samples])
+            assert accuracy >= 0.9
+    assert tokens["int8"] == tokens["float"]
+    assert tokens["int4"] == tokens["float"]
+
+
+def test_lint_weight_only_rules():
+    from onnx import TensorProto, helper
+
+    from feather_export.tensorrt.lint import lint_model
+
+    model, _ = _linear_graph(176, 24, WeightQuant("int4", 32))
+    findings = lint_model(model)
+    assert not [f for f in findings if f.severity == "error"]
+    reasons = " ".join(f.reason for f in findings)
+    assert "opset 21" in reasons and "--weights float" in reasons      # the 10.3 risk, the fallback
+    assert "block_size 32" in reasons and "not a multiple of block_size" in reasons
+    # odd last dim, non-zero zero point: errors
+    model, _ = _linear_graph(64, 7, WeightQuant("int4", 64))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    model.graph.initializer.append(helper.make_tensor("zp", TensorProto.INT4, [1, 7], [1] * 7))
+    dq.input.append("zp")
+    errors = [f.reason for f in lint_model(model) if f.severity == "error"]
+    assert any("odd last dimension 7" in r for r in errors)
+    assert any("symmetric" in r for r in errors)
+
+
+def test_perf_model_counts_stored_weight_bytes():
+    from feather_export.bench.perf_model import (LlmGeometry, WeightFormat, linear_bytes,
+                                                 span_cost)
+
+    assert linear_bytes(2048, 5632, "int4", 128, 4) == 2048 * 5632 / 2 + 16 * 5632 * 4
+    assert linear_bytes(2048, 5632, "int8", 128, 2) == 2048 * 5632 + 5632 * 2
+    llm = LlmGeometry(layers=2, hidden=256, heads=4, kv_heads=4, head_dim=64, intermediate=512,
+                      vocab=1000)
+    costs = {k: span_cost(llm, 2, 1, 0, True, 4, weights=WeightFormat(k)) for k in
+             ("float", "int8", "int4")}
+    assert costs["float"].bytes == span_cost(llm, 2, 1, 0, True, 4).bytes
+    linears = 256 * 768 + 256 * 256 + 256 * 1024 + 512 * 256            # per layer
+    assert costs["float"].bytes - costs["int4"].bytes == pytest.approx(
+        2 * (linears * 4 - linears / 2 - (2 * 768 + 2 * 256 + 2 * 1024 + 4 * 256) * 4))
+    assert costs["int4"].flops == costs["float"].flops
+    assert WeightFormat.from_manifest({"weights": "int4", "block_size": 64}).label == "+int4"
+    assert WeightFormat.from_manifest(None).label == ""
