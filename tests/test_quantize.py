@@ -299,3 +299,14 @@ def test_perf_model_counts_stored_weight_bytes():
     assert costs["int4"].flops == costs["float"].flops
     assert WeightFormat.from_manifest({"weights": "int4", "block_size": 64}).label == "+int4"
     assert WeightFormat.from_manifest(None).label == ""
+
+
+def test_validate_quantized_artifact_against_the_dequantized_model(tmp_path):
+    from feather_export.export.validate import validate_artifact
+
+    art = _export("tiny", tmp_path / "int4", "int4", block_size=16)
+    checks = validate_artifact(art)
+    assert checks and all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+    decoder = [c for c in checks if c.segment.startswith("decoder")]
+    assert all(c.tolerance == 3e-2 for c in decoder)
+    assert all(c.tolerance == 1e-4 for c in checks if not c.segment.startswith("decoder"))
