@@ -137,6 +137,89 @@ def test_kernel_compiles_with_nvcc(tmp_path):
     assert "PASS host_checks" in proc.stdout
 
 
+# A fake CUDA runtime for the kernels' host code: nvcc's launch stubs (CUDA 12: cudaLaunchKernel;
+# CUDA 13: __cudaGetKernel/__cudaLaunchKernel) and the error slot, modelled on the runtime API
+# documentation: a failing call sets the thread's last error, a successful launch leaves it as it
+# was, cudaGetLastError returns and clears it, cudaPeekAtLastError only returns it.
+_FAKE_CUDART_C = r"""
+static int last_error, fail_launches, launches;
+static void* handle[4];
+void fake_set_last_error(int e) { last_error = e; }
+void fake_fail_launches(int e) { fail_launches = e; }
+int fake_launches(void) { return launches; }
+int cudaGetLastError(void) { int e = last_error; last_error = 0; return e; }
+int cudaPeekAtLastError(void) { return last_error; }
+static int launch(void) { ++launches; if (fail_launches) last_error = fail_launches; return fail_launches; }
+int cudaLaunchKernel() { return launch(); }
+int __cudaLaunchKernel() { return launch(); }
+int __cudaGetKernel() { return 0; }
+unsigned __cudaPushCallConfiguration() { return 0; }
+int __cudaPopCallConfiguration() { return 0; }
+void** __cudaRegisterFatBinary() { return handle; }
+void __cudaRegisterFatBinaryEnd() {}
+void __cudaUnregisterFatBinary() {}
+void __cudaRegisterFunction() {}
+"""
+_FAKE_CUDART_SYMBOLS = {"cudaGetLastError", "cudaPeekAtLastError", "cudaLaunchKernel", "__cudaLaunchKernel",
+                        "__cudaGetKernel", "__cudaPushCallConfiguration", "__cudaPopCallConfiguration",
+                        "__cudaRegisterFatBinary", "__cudaRegisterFatBinaryEnd", "__cudaUnregisterFatBinary",
+                        "__cudaRegisterFunction"}
+_LAUNCH_DRIVER_CPP = r"""
+#include "select_tokens_kernel.h"
+#include <cstdio>
+extern "C" void fake_set_last_error(int);
+extern "C" void fake_fail_launches(int);
+extern "C" int fake_launches(void);
+int main()
+{
+    float* scores = reinterpret_cast<float*>(0x10000);  // never dereferenced: no kernel runs
+    int64_t* kept = reinterpret_cast<int64_t*>(0x20000);
+    void* ws = reinterpret_cast<void*>(0x30000);
+    auto select = [&] { return feather_select_tokens(scores, 64, 8, 8, 4, kept, ws, feather_select_workspace_bytes(64), nullptr); };
+    auto gather = [&] { return feather_gather_rows(ws, ws, 70, 16, 4, 64, 8, kept, kept, nullptr); };
+    fake_set_last_error(1);        // cudaErrorInvalidValue left by someone else's call
+    int const s1 = select();
+    fake_set_last_error(1);
+    int const g1 = gather();
+    int const left = cudaPeekAtLastError();
+    std::printf("stale: select %d gather %d launches %d left %d\n", s1, g1, fake_launches(), left);
+    fake_fail_launches(9);         // cudaErrorInvalidConfiguration from our own launch
+    int const s2 = select();
+    int const g2 = gather();
+    std::printf("failing: select %d gather %d\n", s2, g2);
+    return (s1 == FEATHER_SELECT_OK && g1 == FEATHER_SELECT_OK && fake_launches() == 5 && left == 0
+               && s2 == FEATHER_SELECT_ERR_CUDA && g2 == FEATHER_SELECT_ERR_CUDA) ? 0 : 1;
+}
+"""
+
+
+def test_stale_cuda_error_does_not_fail_a_launch(tmp_path):
+    """CPU, no GPU: the kernels' host code linked against a fake CUDA runtime. An error another
+    library left in the thread's last-error slot does not fail our launches (it is cleared before
+    them); an error of our own launch still returns FEATHER_SELECT_ERR_CUDA."""
+    nvcc, root = _require_nvcc()
+    cxx, cc = shutil.which("g++") or shutil.which("c++"), shutil.which("gcc") or shutil.which("cc")
+    if cxx is None or cc is None:
+        _skip("no host C/C++ compiler (gcc/g++)")
+    obj = _compile_kernel_object(nvcc, tmp_path / "select_tokens_kernel.o", archs=("90",))
+    nm = shutil.which("nm")
+    if nm is None:
+        _skip("nm not found (to list the CUDA symbols the kernel object needs)")
+    undefined = {line.split()[-1] for line in _check([nm, "-u", obj]).stdout.splitlines() if line.strip()}
+    unknown = {u for u in undefined if "cuda" in u.lower()} - _FAKE_CUDART_SYMBOLS
+    if unknown:
+        _skip(f"this nvcc's launch stubs need CUDA symbols the fake runtime lacks: {sorted(unknown)}")
+    (tmp_path / "fake_cudart.c").write_text(_FAKE_CUDART_C)
+    (tmp_path / "driver.cpp").write_text(_LAUNCH_DRIVER_CPP)
+    _check([cc, "-std=gnu11", "-w", "-c", tmp_path / "fake_cudart.c", "-o", tmp_path / "fake_cudart.o"])
+    _check([cxx, "-std=c++17", "-I", PLUGIN_DIR, "-isystem", root / "include", "-c", tmp_path / "driver.cpp",
+            "-o", tmp_path / "driver.o"])
+    exe = tmp_path / "launch_errors"
+    _check([cxx, tmp_path / "driver.o", obj, tmp_path / "fake_cudart.o", "-o", exe])
+    proc = _run([exe])
+    assert proc.returncode == 0, proc.stdout
+
+
 # ---------------------------------------------------------------- (b) plugin vs TensorRT headers
 
 

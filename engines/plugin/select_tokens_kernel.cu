@@ -197,6 +197,24 @@ __global__ void gatherRowsKernel(U const* __restrict__ src, U* __restrict__ dst,
     }
 }
 
+// Launch errors. A <<<>>> launch reports a failure only through the host thread's "last error"
+// slot, which any earlier CUDA runtime call in this thread may have left set (another library's
+// failed launch that it never checked). Reading the slot after our launch alone would fail our
+// enqueue on that stale error, and cudaPeekAtLastError() would not help: a successful launch does
+// not reset the slot, and peeking does not clear it. So the slot is cleared right before each
+// launch (which discards only an error its owner already ignored) and read, and cleared, right
+// after it: what it then holds is this launch's error. A sticky error (a corrupted context)
+// cannot be cleared and is reported by the launch again, as it must be.
+void clearStaleLaunchError()
+{
+    static_cast<void>(cudaGetLastError());
+}
+
+int launchStatus()
+{
+    return cudaGetLastError() == cudaSuccess ? FEATHER_SELECT_OK : FEATHER_SELECT_ERR_CUDA;
+}
+
 template <typename U>
 int launchGather(void const* src, void* dst, int64_t seqLen, int64_t outRows, int64_t rowBytes, int32_t n,
     int32_t budget, int64_t const* imageStart, int64_t const* kept, cudaStream_t stream)
@@ -215,9 +233,10 @@ int launchGather(void const* src, void* dst, int64_t seqLen, int64_t outRows, in
     gy = gy < 1 ? 1 : (gy > 65535 ? 65535 : gy);
     dim3 const block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
     dim3 const grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    clearStaleLaunchError();
     gatherRowsKernel<U><<<grid, block, 0, stream>>>(static_cast<U const*>(src), static_cast<U*>(dst), seqLen,
         outRows, units, n, budget, imageStart, kept);
-    return cudaGetLastError() == cudaSuccess ? FEATHER_SELECT_OK : FEATHER_SELECT_ERR_CUDA;
+    return launchStatus();
 }
 
 size_t alignUp(size_t x, size_t a)
@@ -302,17 +321,14 @@ int feather_select_tokens(const float* scores, int32_t n, int32_t budget, int32_
     int32_t const gridStride = grid_stride > 0 ? grid_stride : 0;
 
     unsigned const rankBlocks = static_cast<unsigned>((n + kRankBlock - 1) / kRankBlock);
+    clearStaleLaunchError();
     rankSelectKernel<<<rankBlocks, kRankBlock, 0, stream>>>(scores, n, quota, gridSide, gridStride, flags);
-    if (cudaGetLastError() != cudaSuccess)
+    if (launchStatus() != FEATHER_SELECT_OK)
     {
         return FEATHER_SELECT_ERR_CUDA;
     }
     compactKernel<<<1, kCompactBlock, 0, stream>>>(flags, n, kept_out, budget);
-    if (cudaGetLastError() != cudaSuccess)
-    {
-        return FEATHER_SELECT_ERR_CUDA;
-    }
-    return FEATHER_SELECT_OK;
+    return launchStatus();
 }
 
 int feather_gather_rows(const void* src, void* dst, int64_t seq_len, int64_t num_cols, int32_t elem_bytes, int32_t n,
