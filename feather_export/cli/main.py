@@ -97,9 +97,11 @@ def _require_tensorrt() -> None:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="engine precision (default: the artifact's --dtype, strongly typed; fp16/bf16 "
-                        "on an fp32 artifact lets TensorRT pick reduced-precision tactics)")
+                        "on an fp32 artifact lets TensorRT 10.x pick reduced-precision tactics; TensorRT 11 "
+                        "builds the artifact's dtype only)")
     p.add_argument("--plugin", help="libfeather_plugin.so (needed with --trt-plugin-only)")
-    p.add_argument("--timing-cache", help="tactic timing cache (default: OUT/engines/timing.cache)")
+    p.add_argument("--timing-cache", help="tactic timing cache file, its directories created "
+                        "(default: OUT/engines/timing.cache)")
     p.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
     p.add_argument("--reuse-engines", action="append", metavar="ARTIFACT",
                    help="reuse engines with the same key from another artifact (repeatable)")
