@@ -68,11 +68,11 @@ def build_engines(artifact_dir, precision: str | None = None, plugin_library=Non
     manifest = load_manifest(root)
     plans = plan_engines(manifest.data, precision, strongly_typed_only=_strongly_typed_only(trt))
     engines_dir = root / ENGINES_DIR
-    engines_dir.mkdir(exist_ok=True)
     cache = TimingCacheFile(timing_cache if timing_cache is not None
                             else engines_dir / TIMING_CACHE_NAME)
-    cache.prepare()                            # before anything is built
+    cache.prepare()                            # before anything is built or written
     timing_cache = cache.path
+    engines_dir.mkdir(exist_ok=True)
     device = _device_identity()
     plugin = _prepare_plugin(trt, manifest.data, plans, plugin_library, progress)
     index = EngineIndex.load(engines_dir)
