@@ -5,11 +5,11 @@
 Per engine: one execution context per optimization profile (prefill, decode), chosen per call
 from the input shapes. Output buffers are allocated once at the largest shape any profile allows
 and bound once (``set_tensor_address``). Inputs have no buffers of their own: they are bound by
-address (``set_tensor_address`` only
-when the address changed), so a segment reads the previous segment's output, the Pipeline's
-workspace or a KV cache buffer in place: no host round trips between segments. Each call sets the
-input shapes that changed and runs ``execute_async_v3`` on the backend's stream without
-synchronizing; the host waits only when it downloads (logits, kept indices).
+address (``set_tensor_address`` only when the address changed), so a segment reads the previous
+segment's output, the Pipeline's workspace or a KV cache buffer in place: no host round trips
+between segments. Each call sets the input shapes that changed and runs ``execute_async_v3`` on
+the backend's stream without synchronizing; the host waits only when it downloads (logits, kept
+indices).
 
 CUDA graphs: a decode-profile call whose input addresses and shapes equal those of the previous
 one is replayed from a CUDA graph captured after the first such call (TensorRT's guidance: run
