@@ -1108,8 +1108,12 @@ def test_tie_order_note_where_the_function_body_runs(fakes_any, artifacts, tmp_p
     lib = tmp_path / "libfeather_plugin.so"
     lib.write_bytes(b"\x7fELF fake")
     msgs = []
-    trt_build.build_engines(_copy(artifacts["b144"], tmp_path / "a"), progress=msgs.append)
+    a = _copy(artifacts["b144"], tmp_path / "a")
+    trt_build.build_engines(a, progress=msgs.append)
     assert sum("does not document the order among equal scores" in m for m in msgs) == 1
+    msgs.clear()
+    trt_build.build_engines(a, progress=msgs.append)                # all up to date: said again
+    assert sum("equal scores" in m for m in msgs) == 1 and sum("up to date" in m for m in msgs) == 7
     msgs.clear()
     trt_build.build_engines(_copy(artifacts["plugin_only"], tmp_path / "b"), plugin_library=lib,
                             progress=msgs.append)

@@ -97,6 +97,7 @@ def build_engines(artifact_dir, precision: str | None = None, plugin_library=Non
         if index.is_current(existing, key, root):
             progress("  up to date (same key), kept")
             paths.append(root / plan.engine)
+            tie_note_shown = _tie_note(plan, existing, tie_note_shown, progress)
             continue
         entry = _reuse(plan, key, root, others, progress)
         if entry is None:
@@ -120,13 +121,19 @@ def build_engines(artifact_dir, precision: str | None = None, plugin_library=Non
         index.put(entry)
         index.save()                           # finished engines survive an interrupted build
         paths.append(file)
-        if plan.uses_select_op and not entry["uses_plugin"] and not tie_note_shown:
-            progress(f"  note: {TIE_ORDER_NOTE}")
-            tie_note_shown = True
+        tie_note_shown = _tie_note(plan, entry, tie_note_shown, progress)
     index.data["default_precision"] = plans[0].precision
     index.save()
     progress(f"wrote {len(paths)} engines to {engines_dir} (index {engines_dir / 'engines.json'})")
     return paths
+
+
+def _tie_note(plan: EnginePlan, entry: dict, shown: bool, progress) -> bool:
+    """Say once per build that a select engine runs the function body (TensorRT's TopK)."""
+    if plan.uses_select_op and not entry.get("uses_plugin") and not shown:
+        progress(f"  note: {TIE_ORDER_NOTE}")
+        return True
+    return shown
 
 
 # ---- steps (module-level functions so tests can replace the TensorRT-bound ones) --------------
