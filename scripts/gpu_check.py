@@ -7,7 +7,6 @@ the kit must start on a bare GPU machine and say what is missing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform

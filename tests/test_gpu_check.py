@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def _kit():
 
 def _bash(*args, **kw):
     return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "PYTHON": sys.executable}, **kw)
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable}, **kw)
 
 
 def _has_gpu() -> bool:
