@@ -16,7 +16,7 @@ Where the facts come from (read, not copied; the table below is our own wording)
   * onnx-tensorrt ``docs/operators.md`` (TopK row): "`sorted` must be 1. `K` input must be less than
     3840" (TensorRT 10.x and 11.x tables).
   * TensorRT's TopK does not document its order among equal values (ONNX: the lower index first),
-    which the selection's function body relies on for exact ties (DESIGN §4): flagged on the
+    which the selection's function body relies on for exact ties (docs/design.md §4): flagged on the
     ``feather::SelectTokens`` call (a warning).
 """
 from __future__ import annotations
