@@ -143,7 +143,8 @@ def _import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise FeatherError("building TensorRT engines needs TensorRT >= 10.3 with its Python "
-                           "bindings (pip install 'feather-export[trt]' on an NVIDIA machine; on "
+                           "bindings (pip install 'feather-export[trt]' on an NVIDIA machine with a "
+                           "CUDA 12 driver, 'feather-export[trt-cu13]' with a CUDA 13 driver; on "
                            f"Jetson the JetPack packages); it is not importable here ({exc})") from None
     if _version_tuple(trt.__version__) < MIN_TENSORRT:
         raise FeatherError(f"TensorRT {trt.__version__} is too old; feather-export needs >= "

@@ -73,7 +73,8 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise FeatherError("the TensorRT backend needs TensorRT >= 10.3 with its Python bindings "
-                           "(pip install 'feather-export[trt]', or JetPack on Jetson); not "
+                           "(pip install 'feather-export[trt]', '[trt-cu13]' with a CUDA 13 driver, "
+                           "or JetPack on Jetson); not "
                            f"importable here ({exc})") from None
     return trt
 
