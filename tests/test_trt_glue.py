@@ -1123,3 +1123,24 @@ def test_tie_order_note_where_the_function_body_runs(fakes_any, artifacts, tmp_p
                             progress=msgs.append)
     old = fakes_any.trt.module.__version__.startswith("10.3")    # < 10.7: the body wins
     assert any("equal scores" in m for m in msgs) == old
+
+
+@pytest.mark.parametrize("version,reader", [("10.3.0", "IStreamReader"), ("10.7.0", "IStreamReaderV2"),
+                                            ("11.4.0", "IStreamReaderV2")])
+def test_plan_reader_per_tensorrt_generation(version, reader, tmp_path, monkeypatch):
+    """10.3-10.6: IStreamReader; 10.7+ has both and IStreamReaderV2 is used; 11 has only V2."""
+    from feather_runtime.backends.tensorrt import _stream_reader_class
+
+    trt = FakeTensorRT(FakeCuda(), version).module
+    cls = _stream_reader_class(trt)
+    assert getattr(trt, reader) in cls.__mro__
+    plan = tmp_path / "plan"
+    plan.write_bytes(b"0123456789" * 1000)
+    with open(plan, "rb") as f:
+        r = cls(f)
+        if reader == "IStreamReaderV2":
+            assert r.seek(5, trt.SeekPosition.SET) and r.read(3, 0x5EED) == b"567"
+            assert r.seek(-2, trt.SeekPosition.END) and r.read(10, 0) == b"89"
+            assert r.seek(0, trt.SeekPosition.SET) and len(r.read(1 << 20, 0)) == 10000
+        else:
+            assert len(r.read(1 << 20)) == 10000
