@@ -169,7 +169,7 @@ def _clip_layers(vision_tower):
 
 def run_layer(layer, rotary, hidden, positions, cache, mask):
     pos_emb = rotary(hidden, positions)
-    out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = layer(hidden, attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=True, position_embeddings=pos_emb)
     return out[0] if isinstance(out, tuple) else out
 
