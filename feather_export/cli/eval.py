@@ -22,12 +22,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model,
                    help=f"checkpoint directory trained on the shapes task (default: the built-in {d.model})")
     p.add_argument("--methods", default=",".join(d.methods),
-                   help="comma-separated: none,feather,fastv,fastervlm (default: all)")
+                   help="comma-separated: none,feather,fastv,fastervlm,btp (default: "
+                        f"{','.join(d.methods)}; btp runs its default schedule, once)")
     p.add_argument("--budgets", help="comma-separated first-stage budgets (default: the grid's "
                    "equivalents of LLaVA-1.5's 144,64,32 of 576 tokens; 64,28,14 on a 16x16 grid)")
     p.add_argument("--schedule", action="append", metavar="METHOD=LAYER:KEEP[,LAYER:KEEP]",
                    help="also evaluate this explicit schedule (repeatable), e.g. --schedule "
-                        "feather=1:136 --schedule fastv=1:26 (equal-cost comparisons)")
+                        "feather=1:136 --schedule fastv=1:26 --schedule btp=1:128,2:64,3:0 "
+                        "(equal-cost comparisons; default: none)")
     p.add_argument("--n", type=int, default=d.n, help=f"samples of the split (default {d.n})")
     p.add_argument("--engine", default="both", choices=["onnx", "reference", "both"])
     p.add_argument("--split", default=d.split, choices=["test", "val"])

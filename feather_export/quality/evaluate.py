@@ -24,7 +24,10 @@ from feather_export.errors import FeatherError
 from feather_export.quality.synthetic import QUESTION_TYPES, ROWS, SPLITS, Sample, make_samples
 
 DEFAULT_MODEL = "tiny-shapes"          # the trained built-in checkpoint (models.BUILTIN_CHECKPOINTS)
-METHODS = ("none", "feather", "fastv", "fastervlm")
+METHODS = ("none", "feather", "fastv", "fastervlm", "btp")
+# BTP is evaluated on request (--methods ...,btp or --schedule btp=...): its default schedule
+# needs a decoder deep enough for four stages (the 4-layer tiny-shapes model is not)
+DEFAULT_METHODS = ("none", "feather", "fastv", "fastervlm")
 ENGINES = ("onnx", "reference")
 LLAVA_BUDGETS = (144, 64, 32)         # LLaVA-1.5's usual budgets, out of 576 image tokens
 LLAVA_IMAGE_TOKENS = 576
@@ -62,7 +65,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class EvalOptions:
     model: str = DEFAULT_MODEL
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[int, ...] | None = None     # None: the grid's equivalents of 144 / 64 / 32
     schedules: tuple[tuple[str, str], ...] = ()  # extra (method, "LAYER:KEEP,...") configurations
     n: int = 300
@@ -120,7 +123,8 @@ def parse_schedules(items) -> tuple[tuple[str, str], ...]:
         method, schedule = method.strip(), schedule.replace(" ", "")
         if not sep or method not in METHODS or method == "none" or not schedule:
             raise FeatherError(f"--schedule {item!r} is not METHOD=LAYER:KEEP[,LAYER:KEEP], e.g. "
-                               "--schedule feather=1:136 (METHOD one of feather, fastv, fastervlm)")
+                               "--schedule feather=1:136 (METHOD one of feather, fastv, fastervlm, "
+                               "btp)")
         out.append((method, schedule))
     return tuple(dict.fromkeys(out))
 
@@ -146,7 +150,9 @@ def plan_configs(methods: Sequence[str], budgets: Sequence[int], geometry,
     configs = []
     if "none" in methods:
         configs.append(EvalConfig("none", None))
-    candidates = [EvalConfig(m, b) for m in methods if m != "none" for b in budgets]
+    # BTP's counts come from its schedule: --methods btp is its default schedule, once
+    candidates = [EvalConfig(m, None if m == "btp" else b) for m in methods if m != "none"
+                  for b in (budgets[:1] if m == "btp" else budgets)]
     for method, schedule in schedules:
         candidates.append(EvalConfig(method, None, schedule))
     for config in candidates:
@@ -154,7 +160,7 @@ def plan_configs(methods: Sequence[str], budgets: Sequence[int], geometry,
             prune = config.prune_config(geometry)
         except FeatherError as exc:
             raise FeatherError(f"{config.name}: {exc}") from None
-        if config.schedule is not None:
+        if config.schedule is not None or config.budget is None:
             config = EvalConfig(config.method, prune.stages[0].keep, config.schedule)
         configs.append(config)
     return configs
