@@ -72,17 +72,17 @@ def cmd_eval(args) -> int:
                        engines=parse_engines(args.engine), seed=args.seed, split=args.split,
                        out=args.out, overlays=args.overlays, threads=args.threads,
                        data=args.data, **max_new)
-    results = evaluate(opts, command=_command_line())
+    results = evaluate(opts, command=command_line())
     print(format_data_table(results) if args.data else format_table(results))
     return 0
 
 
-def _command_line() -> str:
-    """The command as typed, with the program shown as ``feather-export eval``."""
+def command_line(subcommand: str = "eval") -> str:
+    """The command as typed, with the program shown as ``feather-export SUBCOMMAND``."""
     argv = sys.argv[1:]
-    if argv and argv[0] == "eval":
+    if argv and argv[0] == subcommand:
         argv = argv[1:]
-    return " ".join(["feather-export", "eval", *(shlex.quote(a) for a in argv)])
+    return " ".join(["feather-export", subcommand, *(shlex.quote(a) for a in argv)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,10 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reference)
 
     from feather_export.cli.bench import add_bench_parser
+    from feather_export.cli.calibrate import add_calibrate_parser
     from feather_export.cli.eval import add_eval_parser
 
     add_bench_parser(sub)
     add_eval_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

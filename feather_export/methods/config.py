@@ -197,9 +197,7 @@ def btp_default_layers(num_layers: int, num_image_tokens: int) -> tuple[int, ...
         layers.append(k)
         previous = k
     if layers[-1] > num_layers - 1:
-        stages = max(1, min(len(layers), num_layers - 1))
-        counts = btp_default_counts(num_image_tokens)
-        counts = counts[:1] if stages == 1 else (*counts[:stages - 1], 0)
+        counts = btp_fitting_counts(num_image_tokens, max(1, min(len(layers), num_layers - 1)))
         example = ",".join(f"{i + 1}:{c}" for i, c in enumerate(counts))
         raise FeatherError(
             f"BTP's default schedule (layers {', '.join(map(str, layers))}, scaled from LLaVA-1.5-7B's "
@@ -211,6 +209,13 @@ def btp_default_layers(num_layers: int, num_image_tokens: int) -> tuple[int, ...
 def btp_default_counts(num_image_tokens: int) -> tuple[int, ...]:
     """Bs = round(N x {1/2, 1/4, 1/12}), then 0."""
     return (*(round_half_up(num_image_tokens * f) for f in BTP_COUNT_FRACTIONS), 0)
+
+
+def btp_fitting_counts(num_image_tokens: int, stages: int) -> tuple[int, ...]:
+    """Counts for a schedule of ``stages`` (1..4) stages: the default counts with the final 0 kept
+    (fewer stages drop the later non-zero counts); one stage keeps round(N/2)."""
+    counts = btp_default_counts(num_image_tokens)
+    return counts[:1] if stages == 1 else (*counts[:stages - 1], 0)
 
 
 def parse_btp_lambda(text: str | tuple) -> tuple[Decimal, ...]:

@@ -16,7 +16,7 @@ similarity (fp32); then exactly B - m fill steps, each taking the next seed memb
 if one is left, else argmax over unchosen j of min_{i in S} D[i, j] (ArgMax takes the first
 maximum: ties to the lower index). The fill is an ONNX ``Loop`` with a constant trip count
 (``fill="loop"``) or the same step unrolled B - m times (``fill="unrolled"``, a body specialised
-to one node's attributes); docs/design.md §4 says which is exported and why.
+to one node's attributes); the README's BTP section says which is exported and why.
 """
 from __future__ import annotations
 
