@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""BTP's greedy fill as an ONNX ``Loop`` vs unrolled: the select segments of shape-llava-1b's
-default BTP schedule (576 image tokens, hidden 2048) timed side by side in ONNX Runtime CPU.
+"""BTP's greedy fill as an ONNX ``Loop`` vs unrolled: the select segments of a BTP schedule timed
+side by side in ONNX Runtime CPU (default: shape-llava-1b's default schedule, 576 image tokens,
+hidden 2048).
 
     python benchmarks/btp_fill.py [--repeats 30] [--threads 1] [--results benchmarks/results/btp_fill]
+    python benchmarks/btp_fill.py --model tiny-shapes --schedule 1:136 --results .../btp_fill_tiny
 
 Builds each select graph both ways from the exporter's own builder (only the model config is
 needed: the select segments hold no weights), feeds the same random span outputs, checks that both
@@ -24,7 +26,6 @@ from types import SimpleNamespace
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = "shape-llava-1b"
 
 
 def main(argv=None) -> int:
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
 
     from feather_export.methods.config import PruneConfig
     from feather_export.models.geometry import geometry_of
-    from feather_export.models.shapes import shape_llava_config
+    from feather_export.models.checkpoint import load_config
     from feather_export.onnx.select import _build_btp_select, score_input_names
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,14 +41,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's choice)")
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--results", default=str(REPO / "benchmarks/results/btp_fill"))
+    p.add_argument("--model", default="shape-llava-1b", help="built-in name or checkpoint directory")
+    p.add_argument("--schedule", help="BTP schedule (default: BTP's default for the model)")
     args = p.parse_args(argv)
 
-    config = shape_llava_config(MODEL)
+    config = load_config(args.model)
     text = config.text_config
     holder = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(config=text)))
     geo = geometry_of(config)
-    prune = PruneConfig.create("btp", geo)
-    heads, hd = text.num_attention_heads, text.hidden_size // text.num_attention_heads
+    prune = PruneConfig.create("btp", geo, schedule=args.schedule)
+    heads = text.num_attention_heads
+    hd = getattr(text, "head_dim", None) or text.hidden_size // heads
     rng = np.random.default_rng(0)
     start = 5
     opts = ort.SessionOptions()
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
                "graph_bytes": sizes, "build_and_load_s": {f: round(v, 2) for f, v in build_s.items()}}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    result = {"model": MODEL, "schedule": [(s.layer, s.keep) for s in prune.stages],
+    result = {"model": args.model, "schedule": [(s.layer, s.keep) for s in prune.stages],
               "threads": args.threads, "repeats": args.repeats, "text_tokens": args.text_tokens,
               "onnxruntime": ort.__version__, "cpu": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
