@@ -1,4 +1,4 @@
-"""BTP (DESIGN §4): the schedule defaults, the lambda rules and the selection rules on hand-made inputs."""
+"""BTP (docs/design.md §4): the schedule defaults, the lambda rules and the selection rules on hand-made inputs."""
 import numpy as np
 import pytest
 

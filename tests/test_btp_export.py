@@ -1,4 +1,4 @@
-"""BTP through the ONNX artifacts (DESIGN §4): kept indices and tokens equal the PyTorch reference on
+"""BTP through the ONNX artifacts (docs/design.md §4): kept indices and tokens equal the PyTorch reference on
 both tiny configs, default and explicit schedules (one ending in 0); the select graphs pass the
 TensorRT 10.3 lint and validation; the function body equals the numpy oracle on hand-made inputs."""
 import json

@@ -1,6 +1,6 @@
 /*
  * feather-export: CUDA kernels behind the "SelectBalanced" op (domain "feather"): one stage of
- * BTP (Balanced Token Pruning), DESIGN §4 / README "BTP".
+ * BTP (Balanced Token Pruning), docs/design.md §4 / README "BTP".
  *
  * Plain C entry points, usable without TensorRT. The row gather after the selection is
  * feather_gather_rows (select_tokens_kernel.h): same semantics as SelectTokens.

@@ -3,7 +3,7 @@
  *
  * For every case it runs feather_btp_select on the GPU and compares the kept indices, exactly,
  * with a CPU reference written from the rules (std::stable_sort on logits, plain float loops for
- * the cosine distance, the greedy fill as DESIGN §4 states it: the seed first in its order, then
+ * the cosine distance, the greedy fill as docs/design.md §4 states it: the seed first in its order, then
  * the farthest token). Prints one line per case; exits 0 when all pass, 1 on a mismatch, 2 on a
  * CUDA problem, 77 when no CUDA device is present (after the host-only checks passed).
  *

@@ -18,9 +18,10 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"checkpoint directory or built-in name (default: {d.model})")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="FILE.jsonl",
-                     help="calibration items, the eval --data format (image, question[, answers])")
+                     help="calibration items, the eval --data format (image, question[, answers]); "
+                          "no default: give this or --synthetic")
     src.add_argument("--synthetic", type=int, metavar="N",
-                     help="N items of the shapes task (val split)")
+                     help="N items of the shapes task (val split); no default: give this or --data")
     p.add_argument("--seed", type=int, default=d.seed, help=f"shapes-task seed (default {d.seed})")
     p.add_argument("--out", help="directory for calibration.json and similarity.png (default: "
                    "print only)")

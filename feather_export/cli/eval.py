@@ -43,10 +43,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int,
                    help=f"generation bound (default: {d.max_new_tokens} on the shapes task, "
                         f"{DATA_MAX_NEW_TOKENS} with --data)")
-    p.add_argument("--engine", default="both", choices=["onnx", "reference", "both"])
-    p.add_argument("--split", default=d.split, choices=["test", "val"])
+    p.add_argument("--engine", default="both", choices=["onnx", "reference", "both"],
+                   help="answer through the exported ONNX artifacts, the PyTorch reference, or both "
+                        "(and compare them)")
+    p.add_argument("--split", default=d.split, choices=["test", "val"],
+                   help="held-out split of the shapes task")
     p.add_argument("--seed", type=int, default=d.seed, help="task seed (default 0: the committed results)")
-    p.add_argument("--out", help="directory for results.json, table.txt, accuracy_vs_budget.png, overlays/")
+    p.add_argument("--out", help="directory for results.json, table.txt, accuracy_vs_budget.png, overlays/ "
+                   "(default: print the table only)")
     p.add_argument("--overlays", type=int, default=d.overlays,
                    help=f"kept-token overlay examples per configuration (ONNX engine; default {d.overlays})")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (0: library default)")

@@ -1,4 +1,4 @@
-"""The pruning setup: one frozen, validated object parsed from CLI-style strings (DESIGN §4).
+"""The pruning setup: one frozen, validated object parsed from CLI-style strings (docs/design.md §4).
 
 ``PruneConfig.create(method, geometry, budget=..., schedule="8:144,16:13", stride=...)`` resolves the
 user's options against the model's geometry into concrete stages, or raises ``FeatherError`` saying
@@ -18,7 +18,7 @@ METHODS = ("none", "feather", "fastv", "fastervlm", "btp")
 FASTV_DEFAULT_LAYER = 2
 FEATHER_STAGE2_FRACTION = 0.09
 MIN_GRID_STRIDE = 3
-# BTP defaults, scaled from the LLaVA-1.5-7B reference (L = 32, N = 576; DESIGN §4)
+# BTP defaults, scaled from the LLaVA-1.5-7B reference (L = 32, N = 576; docs/design.md §4)
 BTP_REFERENCE_LAYERS = (3, 6, 14, 22)
 BTP_REFERENCE_NUM_LAYERS = 32
 BTP_COUNT_FRACTIONS = (Fraction(1, 2), Fraction(1, 4), Fraction(1, 12))   # then 0
@@ -54,7 +54,7 @@ def grid_size(side: int, stride: int) -> int:
 
 
 def default_grid_stride(side: int, budget: int) -> int:
-    """The smallest stride s >= 3 with |G| <= budget / 2 (DESIGN §4); 0 if none exists."""
+    """The smallest stride s >= 3 with |G| <= budget / 2 (docs/design.md §4); 0 if none exists."""
     for stride in range(MIN_GRID_STRIDE, side + 1):
         if 2 * grid_size(side, stride) <= budget:
             return stride

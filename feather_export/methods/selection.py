@@ -1,4 +1,4 @@
-"""Token selection rules of DESIGN §4 in numpy: the oracle for the ONNX op and the CUDA kernel."""
+"""Token selection rules of docs/design.md §4 in numpy: the oracle for the ONNX op and the CUDA kernel."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +25,7 @@ def select_tokens(scores: np.ndarray, budget: int, forced: np.ndarray | None = N
     return np.sort(np.concatenate([np.flatnonzero(forced), chosen])).astype(np.int64)
 
 
-# ---- BTP (DESIGN §4) ------------------------------------------------------------------------------
+# ---- BTP (docs/design.md §4) ------------------------------------------------------------------------------
 
 COSINE_EPS = np.float32(1e-12)      # a zero hidden state counts as norm 1e-12 (never NaN)
 

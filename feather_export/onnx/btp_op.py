@@ -1,4 +1,4 @@
-"""``feather::SelectBalanced``: one BTP stage (DESIGN §4) as a sibling of ``feather::SelectTokens``,
+"""``feather::SelectBalanced``: one BTP stage (docs/design.md §4) as a sibling of ``feather::SelectTokens``,
 with a standard-ONNX function body.
 
 Inputs:  logits f32 [N] (pre-softmax last-token logits, mean over heads); features f32 [N, D'] (the

@@ -76,7 +76,7 @@ def _outputs(g: GraphBuilder, sources, keep: int, d: int, et: int) -> None:
 
 
 def _build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FILL):
-    """BTP (DESIGN §4): pre-softmax RoPE logits of the last token over the image keys (mean over
+    """BTP (docs/design.md §4): pre-softmax RoPE logits of the last token over the image keys (mean over
     heads) and the image rows of the hidden states entering layer K, into one
     ``feather::SelectBalanced``; a 0-count stage drops every image row (no op: nothing to select)."""
     from feather_export.methods.selection import farthest_point_seed
