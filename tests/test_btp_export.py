@@ -165,3 +165,26 @@ def test_function_body_matches_oracle(case, fill):
     assert kept.tolist() == expected.tolist()
     rows = np.concatenate([np.arange(start), start + expected, np.arange(start + n, seq)])
     assert np.array_equal(h[0], hidden[0, rows]) and np.array_equal(p[0], pos[0, rows])
+
+
+def test_fp16_artifact_validates_and_keeps_nearly_the_same_tokens(tmp_path, tiny_models):
+    model = tiny_models["tiny-gqa"]
+    path = export("tiny-gqa", tmp_path / "fp16", ExportOptions(method="btp", dtype="fp16"),
+                  progress=lambda m: None)
+    checks = validate_artifact(path, model=model)
+    assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+    pixels, ids = tiny_inputs(model, 0)
+    got = Pipeline.load(path).generate_ids(pixels, ids, max_new_tokens=1)
+    ref = reference_generate(model, pixels, ids, method="btp", max_new_tokens=1)
+    assert [len(k) for k in got.kept] == [len(k) for k in ref.kept] == [128, 64, 21, 0]
+    assert min(len(set(a) & set(b)) / len(b) for a, b in zip(got.kept[:3], ref.kept[:3])) >= 0.9
+
+
+def test_plugin_only_export_keeps_the_op_without_a_body(tmp_path):
+    path = export("tiny", tmp_path / "p", ExportOptions(method="btp", schedule="1:288,2:0",
+                                                        trt_plugin_only=True), progress=lambda m: None)
+    model = onnx.load(path / "onnx" / "select_1.onnx")
+    assert len(model.functions) == 0
+    assert [n.op_type for n in model.graph.node if n.domain == "feather"] == ["SelectBalanced"]
+    findings = check_artifact(path)
+    assert any("plugin" in f.reason and f.severity == "warning" for f in findings)
