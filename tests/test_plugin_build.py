@@ -23,6 +23,7 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1] / "engines" / "plugin"
 KERNEL_CU = PLUGIN_DIR / "select_tokens_kernel.cu"
 KERNEL_TEST = PLUGIN_DIR / "select_tokens_kernel_test.cpp"
 PLUGIN_CPP = PLUGIN_DIR / "select_tokens_plugin.cpp"
+BTP_PLUGIN_CPP = PLUGIN_DIR / "btp_select_plugin.cpp"
 PLUGIN_HOST_TEST = PLUGIN_DIR / "select_tokens_plugin_host_test.cpp"
 EXPORT_MAP = PLUGIN_DIR / "feather_plugin.map"
 BTP_KERNEL_CU = PLUGIN_DIR / "btp_select_kernel.cu"
@@ -217,18 +218,25 @@ def test_plugin_compiles_against_tensorrt_headers(tmp_path):
              "-isystem", inc, "-isystem", root / "include"]
     plugin_obj = tmp_path / "select_tokens_plugin.o"
     _check([cxx, *flags, "-c", PLUGIN_CPP, "-o", plugin_obj])
+    btp_plugin_obj = tmp_path / "btp_select_plugin.o"
+    _check([cxx, *flags, "-c", BTP_PLUGIN_CPP, "-o", btp_plugin_obj])
     # nvcc as the compiler driver too (host-only C++ file; the CMake build uses the C++ compiler).
     _check([nvcc, "-std=c++17", "-Xcompiler", "-fPIC", "-isystem", inc, "-c", PLUGIN_CPP,
             "-o", tmp_path / "select_tokens_plugin_nvcc.o"])
 
     kernel_obj = _compile_kernel_object(nvcc, tmp_path / "select_tokens_kernel.o", archs=("87",))
+    btp_kernel_obj = tmp_path / "btp_select_kernel.o"
+    _check([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+            "-gencode=arch=compute_87,code=sm_87", "-c", BTP_KERNEL_CU, "-o", btp_kernel_obj])
     lib = tmp_path / "libfeather_plugin.so"
-    _check([cxx, "-shared", "-o", lib, plugin_obj, kernel_obj, f"-L{_cudart_dir(root)}", "-lcudart",
+    _check([cxx, "-shared", "-o", lib, plugin_obj, btp_plugin_obj, kernel_obj, btp_kernel_obj,
+            f"-L{_cudart_dir(root)}", "-lcudart",
             "-Wl,--no-undefined", f"-Wl,--version-script={EXPORT_MAP}"])
     nm = shutil.which("nm")
     if nm:
         exported = _check([nm, "-D", "--defined-only", lib]).stdout
-        for sym in ("getCreators", "setLoggerFinder", "feather_select_tokens", "feather_gather_rows"):
+        for sym in ("getCreators", "setLoggerFinder", "feather_select_tokens", "feather_gather_rows",
+                    "feather_btp_select"):
             assert f" T {sym}\n" in exported, f"{sym} is not exported from libfeather_plugin.so"
 
     host_test = tmp_path / "select_tokens_plugin_host_test"

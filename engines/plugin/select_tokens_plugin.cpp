@@ -7,6 +7,8 @@
  * IErrorRecorder handed over in attachToContext().
  */
 #include "select_tokens_plugin.h"
+#include "btp_select_plugin.h"
+#include "plugin_common.h"
 #include "select_tokens_kernel.h"
 
 #include <cstdio>
@@ -36,110 +38,14 @@ namespace plugin
 namespace
 {
 
-// ---------------------------------------------------------------- logging
-
-class LoggerFinderHolder
-{
-public:
-    void set(nvinfer1::ILoggerFinder* finder) noexcept
-    {
-        std::lock_guard<std::mutex> lock(mMutex);
-        if (finder != nullptr)
-        {
-            mFinder = finder;
-        }
-    }
-
-    ILogger* get() noexcept
-    {
-        std::lock_guard<std::mutex> lock(mMutex);
-        return mFinder != nullptr ? mFinder->findLogger() : nullptr;
-    }
-
-private:
-    std::mutex mMutex;
-    nvinfer1::ILoggerFinder* mFinder{nullptr};
-};
-
-LoggerFinderHolder& loggerFinder() noexcept
-{
-    static LoggerFinderHolder holder;
-    return holder;
-}
-
 void logMessage(ILogger::Severity severity, std::string const& msg) noexcept
 {
-    try
-    {
-        std::string const text = std::string("[feather::SelectTokens] ") + msg;
-        if (ILogger* logger = loggerFinder().get())
-        {
-            logger->log(severity, text.c_str());
-        }
-        else if (severity <= ILogger::Severity::kWARNING)
-        {
-            std::fprintf(stderr, "%s\n", text.c_str());
-        }
-    }
-    catch (...)
-    {
-        // Logging must never throw out of a noexcept TensorRT callback.
-    }
+    logOpMessage(kSELECT_TOKENS_PLUGIN_NAME, severity, msg);
 }
 
 void logError(std::string const& msg) noexcept
 {
     logMessage(ILogger::Severity::kERROR, msg);
-}
-
-// ---------------------------------------------------------------- helpers
-
-bool isHiddenType(DataType t) noexcept
-{
-    return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16;
-}
-
-int32_t elementBytes(DataType t) noexcept
-{
-    return t == DataType::kFLOAT ? 4 : 2;
-}
-
-bool dimMatches(int64_t actual, int64_t expected) noexcept
-{
-    return actual < 0 || actual == expected; // -1 = not known yet (build phase)
-}
-
-bool isScalarLike(nvinfer1::Dims const& d) noexcept
-{
-    return d.nbDims == 0 || (d.nbDims == 1 && dimMatches(d.d[0], 1));
-}
-
-//! Read an integer plugin field (kINT32 as produced by the ONNX parser; kINT8/16/64 accepted too).
-bool readIntField(PluginField const& f, int32_t& value, std::string& error)
-{
-    if (f.data == nullptr || f.length < 1)
-    {
-        error = std::string("field '") + f.name + "' has no data";
-        return false;
-    }
-    int64_t v = 0;
-    switch (f.type)
-    {
-    case PluginFieldType::kINT32: v = *static_cast<int32_t const*>(f.data); break;
-    case PluginFieldType::kINT64: v = *static_cast<int64_t const*>(f.data); break;
-    case PluginFieldType::kINT16: v = *static_cast<int16_t const*>(f.data); break;
-    case PluginFieldType::kINT8: v = *static_cast<int8_t const*>(f.data); break;
-    default:
-        error = std::string("field '") + f.name + "' must be an integer (kINT32)";
-        return false;
-    }
-    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
-    {
-        error = std::string("field '") + f.name + "' is out of int32 range";
-        return false;
-    }
-    value = static_cast<int32_t>(v);
-    return true;
 }
 
 } // namespace
@@ -672,6 +578,10 @@ struct StaticRegistration
             {
                 logError("static registration of feather::SelectTokens failed (already registered?)");
             }
+            if (!registry->registerCreator(selectBalancedCreator(), kSELECT_TOKENS_PLUGIN_NAMESPACE))
+            {
+                logError("static registration of feather::SelectBalanced failed (already registered?)");
+            }
         }
     }
 };
@@ -702,7 +612,8 @@ extern "C" FEATHER_PLUGIN_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* f
 
 extern "C" FEATHER_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&feather::plugin::creatorInstance()};
+    static nvinfer1::IPluginCreatorInterface* const kCreators[]
+        = {&feather::plugin::creatorInstance(), &feather::plugin::selectBalancedCreator()};
     nbCreators = static_cast<int32_t>(sizeof(kCreators) / sizeof(kCreators[0]));
     return kCreators;
 }

@@ -1,0 +1,126 @@
+/*
+ * feather-export: helpers shared by the TensorRT plugins of libfeather_plugin.so (SelectTokens,
+ * SelectBalanced): the ILoggerFinder handed over by setLoggerFinder() (one per library), noexcept
+ * logging, integer plugin fields, and tensor-description checks.
+ */
+#ifndef FEATHER_PLUGIN_COMMON_H
+#define FEATHER_PLUGIN_COMMON_H
+
+#include <NvInferRuntime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <mutex>
+#include <string>
+
+namespace feather
+{
+namespace plugin
+{
+
+class LoggerFinderHolder
+{
+public:
+    void set(nvinfer1::ILoggerFinder* finder) noexcept
+    {
+        std::lock_guard<std::mutex> lock(mMutex);
+        if (finder != nullptr)
+        {
+            mFinder = finder;
+        }
+    }
+
+    nvinfer1::ILogger* get() noexcept
+    {
+        std::lock_guard<std::mutex> lock(mMutex);
+        return mFinder != nullptr ? mFinder->findLogger() : nullptr;
+    }
+
+private:
+    std::mutex mMutex;
+    nvinfer1::ILoggerFinder* mFinder{nullptr};
+};
+
+//! The library's one holder (an inline function's static: shared by every translation unit).
+inline LoggerFinderHolder& loggerFinder() noexcept
+{
+    static LoggerFinderHolder holder;
+    return holder;
+}
+
+//! Log "[feather::<op>] msg" through TensorRT's logger (stderr for warnings and errors when no
+//! logger was handed over); never throws.
+inline void logOpMessage(char const* op, nvinfer1::ILogger::Severity severity, std::string const& msg) noexcept
+{
+    try
+    {
+        std::string const text = std::string("[feather::") + op + "] " + msg;
+        if (nvinfer1::ILogger* logger = loggerFinder().get())
+        {
+            logger->log(severity, text.c_str());
+        }
+        else if (severity <= nvinfer1::ILogger::Severity::kWARNING)
+        {
+            std::fprintf(stderr, "%s\n", text.c_str());
+        }
+    }
+    catch (...)
+    {
+        // Logging must never throw out of a noexcept TensorRT callback.
+    }
+}
+
+inline bool isHiddenType(nvinfer1::DataType t) noexcept
+{
+    return t == nvinfer1::DataType::kFLOAT || t == nvinfer1::DataType::kHALF || t == nvinfer1::DataType::kBF16;
+}
+
+inline int32_t elementBytes(nvinfer1::DataType t) noexcept
+{
+    return t == nvinfer1::DataType::kFLOAT ? 4 : 2;
+}
+
+inline bool dimMatches(int64_t actual, int64_t expected) noexcept
+{
+    return actual < 0 || actual == expected; // -1 = not known yet (build phase)
+}
+
+inline bool isScalarLike(nvinfer1::Dims const& d) noexcept
+{
+    return d.nbDims == 0 || (d.nbDims == 1 && dimMatches(d.d[0], 1));
+}
+
+//! Read an integer plugin field (kINT32 as produced by the ONNX parser; kINT8/16/64 accepted too).
+inline bool readIntField(nvinfer1::PluginField const& f, int32_t& value, std::string& error)
+{
+    using nvinfer1::PluginFieldType;
+    if (f.data == nullptr || f.length < 1)
+    {
+        error = std::string("field '") + f.name + "' has no data";
+        return false;
+    }
+    int64_t v = 0;
+    switch (f.type)
+    {
+    case PluginFieldType::kINT32: v = *static_cast<int32_t const*>(f.data); break;
+    case PluginFieldType::kINT64: v = *static_cast<int64_t const*>(f.data); break;
+    case PluginFieldType::kINT16: v = *static_cast<int16_t const*>(f.data); break;
+    case PluginFieldType::kINT8: v = *static_cast<int8_t const*>(f.data); break;
+    default:
+        error = std::string("field '") + f.name + "' must be an integer (kINT32)";
+        return false;
+    }
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+    {
+        error = std::string("field '") + f.name + "' is out of int32 range";
+        return false;
+    }
+    value = static_cast<int32_t>(v);
+    return true;
+}
+
+} // namespace plugin
+} // namespace feather
+
+#endif // FEATHER_PLUGIN_COMMON_H
