@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from feather_export.methods.config import PruneConfig
     from feather_export.models.geometry import geometry_of
     from feather_export.models.checkpoint import load_config
-    from feather_export.onnx.select import _build_btp_select, score_input_names
+    from feather_export.onnx.select import build_btp_select, score_input_names
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=30)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         sessions, sizes, build_s = {}, {}, {}
         for fill in ("loop", "unrolled"):
             t = time.perf_counter()
-            model = _build_btp_select(holder, stage, geo.grid_side, 1, fill=fill)
+            model = build_btp_select(holder, stage, geo.grid_side, 1, fill=fill)
             blob = model.SerializeToString()
             sessions[fill] = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
             build_s[fill] = time.perf_counter() - t

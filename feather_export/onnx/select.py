@@ -5,6 +5,9 @@ before: the last position's query and the keys (FEATHER: before RoPE, image rows
 FastV: RoPE'd, the cached ``present.{K-1}.key``). Dot products and softmax run in fp32; no
 projection is recomputed and no weight is duplicated.
 FasterVLM (K = 0) selects image features with the vision segment's ``cls_scores``.
+BTP scores like FastV (RoPE'd query and ``present.{K-1}.key``, but pre-softmax logits over the image
+keys) and also takes the image rows of the span's hidden states, into one ``feather::SelectBalanced``
+(``btp_op.py``); its 0-count stage is a plain gather.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def build_select(model, stage: Stage, side: int, et: int):
     if stage.criterion == "fastervlm":
         return _build_vision_select(model, stage, side, et)
     if stage.criterion == "btp":
-        return _build_btp_select(model, stage, side, et)
+        return build_btp_select(model, stage, side, et)
     g, (query, keys, hidden, positions, start, image_rows), (heads, kv_heads, head_dim, d) = \
         _span_select_inputs(model, stage, et)
     n = stage.num_in
@@ -75,7 +78,7 @@ def _outputs(g: GraphBuilder, sources, keep: int, d: int, et: int) -> None:
         g.output(src_name, name, t, shape)
 
 
-def _build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FILL):
+def build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FILL):
     """BTP (docs/design.md §4): pre-softmax RoPE logits of the last token over the image keys (mean over
     heads) and the image rows of the hidden states entering layer K, into one
     ``feather::SelectBalanced``; a 0-count stage drops every image row (no op: nothing to select)."""
