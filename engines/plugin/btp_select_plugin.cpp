@@ -7,7 +7,6 @@
 #include "btp_select_plugin.h"
 #include "btp_select_kernel.h"
 #include "plugin_common.h"
-#include "select_tokens_plugin.h"
 
 #include <exception>
 #include <sstream>
@@ -80,62 +79,9 @@ SelectBalancedPlugin::SelectBalancedPlugin(SelectBalancedParams params)
 }
 
 SelectBalancedPlugin::SelectBalancedPlugin(SelectBalancedPlugin const& other)
-    : nvinfer1::IPluginV3(other)
-    , nvinfer1::IPluginV3OneCore(other)
-    , nvinfer1::IPluginV3OneBuild(other)
-    , nvinfer1::IPluginV3OneRuntime(other)
+    : SelectPluginBase<SelectBalancedPlugin>(other)
     , mParams(other.mParams)
-    , mErrorRecorder(other.mErrorRecorder)
 {
-}
-
-nvinfer1::IPluginCapability* SelectBalancedPlugin::getCapabilityInterface(
-    nvinfer1::PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-nvinfer1::IPluginV3* SelectBalancedPlugin::clone() noexcept
-{
-    try
-    {
-        return new SelectBalancedPlugin(*this);
-    }
-    catch (std::exception const& e)
-    {
-        logError(std::string("clone failed: ") + e.what());
-    }
-    catch (...)
-    {
-        logError("clone failed");
-    }
-    return nullptr;
-}
-
-char const* SelectBalancedPlugin::getPluginName() const noexcept
-{
-    return kSELECT_BALANCED_PLUGIN_NAME;
-}
-
-char const* SelectBalancedPlugin::getPluginVersion() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_VERSION;
-}
-
-char const* SelectBalancedPlugin::getPluginNamespace() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAMESPACE;
-}
-
-int32_t SelectBalancedPlugin::getNbOutputs() const noexcept
-{
-    return kNB_OUTPUTS;
 }
 
 int32_t SelectBalancedPlugin::getOutputDataTypes(
@@ -306,27 +252,6 @@ bool SelectBalancedPlugin::checkDescs(
     return true;
 }
 
-int32_t SelectBalancedPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (in == nullptr || out == nullptr || nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        reportError("configurePlugin: expected 6 inputs and 3 outputs");
-        return -1;
-    }
-    PluginTensorDesc inDescs[kNB_INPUTS];
-    PluginTensorDesc outDescs[kNB_OUTPUTS];
-    for (int32_t i = 0; i < kNB_INPUTS; ++i)
-    {
-        inDescs[i] = in[i].desc;
-    }
-    for (int32_t i = 0; i < kNB_OUTPUTS; ++i)
-    {
-        outDescs[i] = out[i].desc;
-    }
-    return checkDescs(inDescs, nbInputs, outDescs, nbOutputs, "configurePlugin") ? 0 : -1;
-}
-
 size_t SelectBalancedPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
@@ -352,12 +277,6 @@ char const* SelectBalancedPlugin::getMetadataString() noexcept
     {
         return nullptr;
     }
-}
-
-int32_t SelectBalancedPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    return checkDescs(in, nbInputs, out, nbOutputs, "onShapeChange") ? 0 : -1;
 }
 
 int32_t SelectBalancedPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -403,16 +322,6 @@ int32_t SelectBalancedPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginT
     return 0;
 }
 
-nvinfer1::IPluginV3* SelectBalancedPlugin::attachToContext(nvinfer1::IPluginResourceContext* context) noexcept
-{
-    auto* cloned = static_cast<SelectBalancedPlugin*>(clone());
-    if (cloned != nullptr)
-    {
-        cloned->mErrorRecorder = context != nullptr ? context->getErrorRecorder() : nullptr;
-    }
-    return cloned;
-}
-
 PluginFieldCollection const* SelectBalancedPlugin::getFieldsToSerialize() noexcept
 {
     try
@@ -430,15 +339,6 @@ PluginFieldCollection const* SelectBalancedPlugin::getFieldsToSerialize() noexce
     {
         logError("getFieldsToSerialize failed");
         return nullptr;
-    }
-}
-
-void SelectBalancedPlugin::reportError(char const* msg) const noexcept
-{
-    logError(msg);
-    if (mErrorRecorder != nullptr)
-    {
-        mErrorRecorder->reportError(nvinfer1::ErrorCode::kFAILED_EXECUTION, msg);
     }
 }
 
@@ -461,12 +361,12 @@ char const* SelectBalancedPluginCreator::getPluginName() const noexcept
 
 char const* SelectBalancedPluginCreator::getPluginVersion() const noexcept
 {
-    return kSELECT_TOKENS_PLUGIN_VERSION;
+    return kPLUGIN_VERSION;
 }
 
 char const* SelectBalancedPluginCreator::getPluginNamespace() const noexcept
 {
-    return kSELECT_TOKENS_PLUGIN_NAMESPACE;
+    return kPLUGIN_NAMESPACE;
 }
 
 PluginFieldCollection const* SelectBalancedPluginCreator::getFieldNames() noexcept

@@ -19,6 +19,8 @@
 #ifndef FEATHER_BTP_SELECT_PLUGIN_H
 #define FEATHER_BTP_SELECT_PLUGIN_H
 
+#include "plugin_common.h"
+
 #include <NvInferRuntime.h>
 
 #include <cstdint>
@@ -43,10 +45,7 @@ struct SelectBalancedParams
 //! Empty when valid, otherwise a description of the problem.
 std::string validateSelectBalancedParams(SelectBalancedParams const& p);
 
-class SelectBalancedPlugin final : public nvinfer1::IPluginV3,
-                                   public nvinfer1::IPluginV3OneCore,
-                                   public nvinfer1::IPluginV3OneBuild,
-                                   public nvinfer1::IPluginV3OneRuntime
+class SelectBalancedPlugin final : public SelectPluginBase<SelectBalancedPlugin>
 {
 public:
     explicit SelectBalancedPlugin(SelectBalancedParams params);
@@ -54,15 +53,6 @@ public:
     SelectBalancedPlugin& operator=(SelectBalancedPlugin const&) = delete;
     ~SelectBalancedPlugin() override = default;
 
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
         nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
     int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
@@ -70,28 +60,24 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     char const* getMetadataString() noexcept override;
 
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
+    static constexpr char const* kOP_NAME{kSELECT_BALANCED_PLUGIN_NAME};
     static constexpr int32_t kNB_INPUTS{6};
     static constexpr int32_t kNB_OUTPUTS{3};
 
 private:
+    friend class SelectPluginBase<SelectBalancedPlugin>;
     bool checkDescs(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs, char const* where) const noexcept;
-    void reportError(char const* msg) const noexcept;
 
     SelectBalancedParams mParams;
-    nvinfer1::IErrorRecorder* mErrorRecorder{nullptr};
     std::vector<nvinfer1::PluginField> mSerializedFields;
     nvinfer1::PluginFieldCollection mSerializedCollection{};
     std::string mMetadata;

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -119,6 +120,131 @@ inline bool readIntField(nvinfer1::PluginField const& f, int32_t& value, std::st
     value = static_cast<int32_t>(v);
     return true;
 }
+
+constexpr char const* kPLUGIN_VERSION{"1"};
+constexpr char const* kPLUGIN_NAMESPACE{"feather"};
+
+//! What SelectTokens and SelectBalanced share as IPluginV3 (CRTP): capabilities, clone, names,
+//! output count, configurePlugin / onShapeChange through Derived::checkDescs, attachToContext
+//! and error reporting. Derived provides kOP_NAME, kNB_INPUTS, kNB_OUTPUTS and
+//! bool checkDescs(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out,
+//!                 int32_t nbOutputs, char const* where) const noexcept.
+template <typename Derived>
+class SelectPluginBase : public nvinfer1::IPluginV3,
+                         public nvinfer1::IPluginV3OneCore,
+                         public nvinfer1::IPluginV3OneBuild,
+                         public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override
+    {
+        switch (type)
+        {
+        case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+        case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+        case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+        }
+        return nullptr;
+    }
+
+    nvinfer1::IPluginV3* clone() noexcept override
+    {
+        try
+        {
+            return new Derived(static_cast<Derived const&>(*this));
+        }
+        catch (std::exception const& e)
+        {
+            logError(std::string("clone failed: ") + e.what());
+        }
+        catch (...)
+        {
+            logError("clone failed");
+        }
+        return nullptr;
+    }
+
+    char const* getPluginName() const noexcept override
+    {
+        return Derived::kOP_NAME;
+    }
+
+    char const* getPluginVersion() const noexcept override
+    {
+        return kPLUGIN_VERSION;
+    }
+
+    char const* getPluginNamespace() const noexcept override
+    {
+        return kPLUGIN_NAMESPACE;
+    }
+
+    int32_t getNbOutputs() const noexcept override
+    {
+        return Derived::kNB_OUTPUTS;
+    }
+
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override
+    {
+        if (in == nullptr || out == nullptr || nbInputs != Derived::kNB_INPUTS || nbOutputs != Derived::kNB_OUTPUTS)
+        {
+            reportError("configurePlugin: wrong number of inputs or outputs");
+            return -1;
+        }
+        nvinfer1::PluginTensorDesc inDescs[Derived::kNB_INPUTS];
+        nvinfer1::PluginTensorDesc outDescs[Derived::kNB_OUTPUTS];
+        for (int32_t i = 0; i < Derived::kNB_INPUTS; ++i)
+        {
+            inDescs[i] = in[i].desc;
+        }
+        for (int32_t i = 0; i < Derived::kNB_OUTPUTS; ++i)
+        {
+            outDescs[i] = out[i].desc;
+        }
+        return derived().checkDescs(inDescs, nbInputs, outDescs, nbOutputs, "configurePlugin") ? 0 : -1;
+    }
+
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override
+    {
+        return derived().checkDescs(in, nbInputs, out, nbOutputs, "onShapeChange") ? 0 : -1;
+    }
+
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override
+    {
+        auto* cloned = static_cast<Derived*>(clone());
+        if (cloned != nullptr)
+        {
+            cloned->mErrorRecorder = context != nullptr ? context->getErrorRecorder() : nullptr;
+        }
+        return cloned;
+    }
+
+protected:
+    static void logError(std::string const& msg) noexcept
+    {
+        logOpMessage(Derived::kOP_NAME, nvinfer1::ILogger::Severity::kERROR, msg);
+    }
+
+    //! Log, and report to the execution context's error recorder when attached.
+    void reportError(char const* msg) const noexcept
+    {
+        logError(msg);
+        if (mErrorRecorder != nullptr)
+        {
+            mErrorRecorder->reportError(nvinfer1::ErrorCode::kFAILED_EXECUTION, msg);
+        }
+    }
+
+    nvinfer1::IErrorRecorder* mErrorRecorder{nullptr};
+
+private:
+    Derived const& derived() const noexcept
+    {
+        return static_cast<Derived const&>(*this);
+    }
+};
 
 } // namespace plugin
 } // namespace feather

@@ -88,62 +88,10 @@ SelectTokensPlugin::SelectTokensPlugin(SelectTokensParams params)
 }
 
 SelectTokensPlugin::SelectTokensPlugin(SelectTokensPlugin const& other)
-    : nvinfer1::IPluginV3(other)
-    , nvinfer1::IPluginV3OneCore(other)
-    , nvinfer1::IPluginV3OneBuild(other)
-    , nvinfer1::IPluginV3OneRuntime(other)
+    : SelectPluginBase<SelectTokensPlugin>(other)
     , mParams(other.mParams)
-    , mErrorRecorder(other.mErrorRecorder)
 {
     // mSerializedFields points into mParams: rebuilt on demand by getFieldsToSerialize().
-}
-
-nvinfer1::IPluginCapability* SelectTokensPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-nvinfer1::IPluginV3* SelectTokensPlugin::clone() noexcept
-{
-    try
-    {
-        return new SelectTokensPlugin(*this);
-    }
-    catch (std::exception const& e)
-    {
-        logError(std::string("clone failed: ") + e.what());
-    }
-    catch (...)
-    {
-        logError("clone failed");
-    }
-    return nullptr;
-}
-
-char const* SelectTokensPlugin::getPluginName() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAME;
-}
-
-char const* SelectTokensPlugin::getPluginVersion() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_VERSION;
-}
-
-char const* SelectTokensPlugin::getPluginNamespace() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAMESPACE;
-}
-
-int32_t SelectTokensPlugin::getNbOutputs() const noexcept
-{
-    return kNB_OUTPUTS;
 }
 
 int32_t SelectTokensPlugin::getOutputDataTypes(
@@ -309,27 +257,6 @@ bool SelectTokensPlugin::checkDescs(
     return true;
 }
 
-int32_t SelectTokensPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (in == nullptr || out == nullptr || nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        reportError("configurePlugin: expected 4 inputs and 3 outputs");
-        return -1;
-    }
-    PluginTensorDesc inDescs[kNB_INPUTS];
-    PluginTensorDesc outDescs[kNB_OUTPUTS];
-    for (int32_t i = 0; i < kNB_INPUTS; ++i)
-    {
-        inDescs[i] = in[i].desc;
-    }
-    for (int32_t i = 0; i < kNB_OUTPUTS; ++i)
-    {
-        outDescs[i] = out[i].desc;
-    }
-    return checkDescs(inDescs, nbInputs, outDescs, nbOutputs, "configurePlugin") ? 0 : -1;
-}
-
 size_t SelectTokensPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
@@ -351,12 +278,6 @@ char const* SelectTokensPlugin::getMetadataString() noexcept
     {
         return nullptr;
     }
-}
-
-int32_t SelectTokensPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    return checkDescs(in, nbInputs, out, nbOutputs, "onShapeChange") ? 0 : -1;
 }
 
 int32_t SelectTokensPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -399,16 +320,6 @@ int32_t SelectTokensPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTen
     return 0;
 }
 
-nvinfer1::IPluginV3* SelectTokensPlugin::attachToContext(nvinfer1::IPluginResourceContext* context) noexcept
-{
-    auto* cloned = static_cast<SelectTokensPlugin*>(clone());
-    if (cloned != nullptr)
-    {
-        cloned->mErrorRecorder = context != nullptr ? context->getErrorRecorder() : nullptr;
-    }
-    return cloned;
-}
-
 PluginFieldCollection const* SelectTokensPlugin::getFieldsToSerialize() noexcept
 {
     try
@@ -428,15 +339,6 @@ PluginFieldCollection const* SelectTokensPlugin::getFieldsToSerialize() noexcept
     {
         logError("getFieldsToSerialize failed");
         return nullptr;
-    }
-}
-
-void SelectTokensPlugin::reportError(char const* msg) const noexcept
-{
-    logError(msg);
-    if (mErrorRecorder != nullptr)
-    {
-        mErrorRecorder->reportError(nvinfer1::ErrorCode::kFAILED_EXECUTION, msg);
     }
 }
 
