@@ -345,33 +345,11 @@ PluginFieldCollection const* SelectBalancedPlugin::getFieldsToSerialize() noexce
 // ================================================================ SelectBalancedPluginCreator
 
 SelectBalancedPluginCreator::SelectBalancedPluginCreator()
+    : SelectCreatorBase(kSELECT_BALANCED_PLUGIN_NAME,
+        {{"budget", nullptr, PluginFieldType::kINT32, 1}, {"num_image_tokens", nullptr, PluginFieldType::kINT32, 1},
+          {"attention_count", nullptr, PluginFieldType::kINT32, 1},
+          {"candidate_count", nullptr, PluginFieldType::kINT32, 1}})
 {
-    for (char const* name : {"budget", "num_image_tokens", "attention_count", "candidate_count"})
-    {
-        mFieldNames.emplace_back(name, nullptr, PluginFieldType::kINT32, 1);
-    }
-    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
-    mFieldCollection.fields = mFieldNames.data();
-}
-
-char const* SelectBalancedPluginCreator::getPluginName() const noexcept
-{
-    return kSELECT_BALANCED_PLUGIN_NAME;
-}
-
-char const* SelectBalancedPluginCreator::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* SelectBalancedPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* SelectBalancedPluginCreator::getFieldNames() noexcept
-{
-    return &mFieldCollection;
 }
 
 nvinfer1::IPluginV3* SelectBalancedPluginCreator::createPlugin(

@@ -83,22 +83,14 @@ private:
     std::string mMetadata;
 };
 
-class SelectBalancedPluginCreator final : public nvinfer1::IPluginCreatorV3One
+class SelectBalancedPluginCreator final : public SelectCreatorBase
 {
 public:
     SelectBalancedPluginCreator();
     ~SelectBalancedPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mFieldNames;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
 //! The library's creator instance (listed by getCreators()).

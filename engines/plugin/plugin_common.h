@@ -14,6 +14,8 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace feather
 {
@@ -244,6 +246,46 @@ private:
     {
         return static_cast<Derived const&>(*this);
     }
+};
+
+//! The creator side both ops share: names, version, namespace and the advertised fields
+//! (\p opName and the field list come from the derived creator's constructor).
+class SelectCreatorBase : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    char const* getPluginName() const noexcept override
+    {
+        return mOpName;
+    }
+
+    char const* getPluginVersion() const noexcept override
+    {
+        return kPLUGIN_VERSION;
+    }
+
+    char const* getPluginNamespace() const noexcept override
+    {
+        return kPLUGIN_NAMESPACE;
+    }
+
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override
+    {
+        return &mFieldCollection;
+    }
+
+protected:
+    SelectCreatorBase(char const* opName, std::vector<nvinfer1::PluginField> fields)
+        : mOpName(opName)
+        , mFieldNames(std::move(fields))
+    {
+        mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+        mFieldCollection.fields = mFieldNames.data();
+    }
+
+private:
+    char const* mOpName;
+    std::vector<nvinfer1::PluginField> mFieldNames;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
 } // namespace plugin

@@ -345,34 +345,11 @@ PluginFieldCollection const* SelectTokensPlugin::getFieldsToSerialize() noexcept
 // ================================================================ SelectTokensPluginCreator
 
 SelectTokensPluginCreator::SelectTokensPluginCreator()
+    : SelectCreatorBase(kSELECT_TOKENS_PLUGIN_NAME,
+        {{"budget", nullptr, PluginFieldType::kINT32, 1}, {"num_image_tokens", nullptr, PluginFieldType::kINT32, 1},
+          {"grid_side", nullptr, PluginFieldType::kINT32, 1}, {"grid_stride", nullptr, PluginFieldType::kINT32, 1},
+          {"criterion", nullptr, PluginFieldType::kCHAR, 1}})
 {
-    mFieldNames.emplace_back("budget", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("num_image_tokens", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("grid_side", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("grid_stride", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("criterion", nullptr, PluginFieldType::kCHAR, 1);
-    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
-    mFieldCollection.fields = mFieldNames.data();
-}
-
-char const* SelectTokensPluginCreator::getPluginName() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAME;
-}
-
-char const* SelectTokensPluginCreator::getPluginVersion() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_VERSION;
-}
-
-char const* SelectTokensPluginCreator::getPluginNamespace() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* SelectTokensPluginCreator::getFieldNames() noexcept
-{
-    return &mFieldCollection;
 }
 
 nvinfer1::IPluginV3* SelectTokensPluginCreator::createPlugin(

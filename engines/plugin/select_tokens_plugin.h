@@ -94,22 +94,14 @@ private:
     std::string mMetadata;
 };
 
-class SelectTokensPluginCreator final : public nvinfer1::IPluginCreatorV3One
+class SelectTokensPluginCreator final : public SelectCreatorBase
 {
 public:
     SelectTokensPluginCreator();
     ~SelectTokensPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mFieldNames;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
 } // namespace plugin
