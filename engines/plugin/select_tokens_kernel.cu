@@ -11,6 +11,7 @@
  * thousand image tokens, so the O(N^2) rank count costs microseconds.
  */
 #include "select_tokens_kernel.h"
+#include "score_keys.cuh"
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -33,27 +34,7 @@ __host__ __device__ __forceinline__ bool isForcedGrid(int32_t i, int32_t gridSid
     return (r % gridStride == 0) && (c % gridStride == 0);
 }
 
-// Monotone map float -> uint32 (larger score -> larger key).
-// NaN -> 0, strictly below the key of -inf (0x007FFFFF); -0.0 is canonicalised to +0.0.
-__device__ __forceinline__ uint32_t scoreKey(float s)
-{
-    if (s != s)
-    {
-        return 0u;
-    }
-    if (s == 0.0f)
-    {
-        s = 0.0f;
-    }
-    uint32_t const b = __float_as_uint(s);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-// Composite key, larger = better; lower index wins ties. Never 0 for a valid index.
-__device__ __forceinline__ uint64_t tokenKey(float s, int32_t i)
-{
-    return (static_cast<uint64_t>(scoreKey(s)) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(i));
-}
+using feather::tokenKey;
 
 // flags[i] = 1 if token i is kept (forced grid, or rank among non-grid < quota), else 0.
 __global__ void __launch_bounds__(kRankBlock) rankSelectKernel(
