@@ -309,4 +309,5 @@ def test_validate_quantized_artifact_against_the_dequantized_model(tmp_path):
     assert checks and all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
     decoder = [c for c in checks if c.segment.startswith("decoder")]
     assert all(c.tolerance == 3e-2 for c in decoder)
-    assert all(c.tolerance == 1e-4 for c in checks if not c.segment.startswith("decoder"))
+    assert all(c.tolerance == 1e-4 for c in checks
+               if not c.segment.startswith("decoder") and c.output != "kept")

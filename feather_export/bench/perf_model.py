@@ -1,11 +1,11 @@
-"""The performance model of DESIGN §5: FLOPs and bytes per segment, and roofline time per device.
+"""The performance model of docs/design.md §5: FLOPs and bytes per segment, and roofline time per device.
 
 Per Llama layer with n new tokens, P cached tokens, hidden d, FFN width m (SwiGLU, 3 matrices):
 
     FLOPs = 2 n (2 d q + 2 d kv + 3 d m) + 2 n^2 d + 4 n P d
 
 with q = heads * head_dim and kv = kv_heads * head_dim; for multi-head attention (q = kv = d)
-and P = 0 this is DESIGN's 2 n (4 d^2 + 3 d m) + 2 n^2 d (causal). Only matrix products are
+and P = 0 this is the design's 2 n (4 d^2 + 3 d m) + 2 n^2 d (causal). Only matrix products are
 counted (norms, softmax, rotary and gathers are O(n d) and left out). The CLIP encoder is
 non-causal: 2 n (4 c^2 + 2 c m_v) + 4 n^2 c per layer with n = N + 1 (CLS). Bytes moved are a
 lower bound: every weight once, plus the KV rows read and written and the activations in and out.
@@ -132,7 +132,7 @@ class Cost:
 
 def decoder_layer_flops(n: int, d: int, m: int, past: int = 0, q_dim: int | None = None,
                         kv_dim: int | None = None) -> float:
-    """DESIGN §5 FLOPs of one Llama layer for n new tokens over ``past`` cached ones."""
+    """docs/design.md §5 FLOPs of one Llama layer for n new tokens over ``past`` cached ones."""
     q = d if q_dim is None else q_dim
     kv = d if kv_dim is None else kv_dim
     proj = 2 * n * (2 * d * q + 2 * d * kv + 3 * d * m)
@@ -193,9 +193,15 @@ def select_cost(llm: LlmGeometry, criterion: str, seq: int, num_in: int, keep: i
     out_seq = seq - num_in + keep
     if criterion == "fastervlm":                                       # select_0: gather only
         return Cost(0.0, float((num_in + keep) * d * elem + num_in * 4))
-    keys = num_in if criterion == "feather" else seq
+    gather = seq * d * elem + out_seq * d * elem + seq * 8
+    if criterion == "btp" and keep == 0:                               # drops every image row
+        return Cost(0.0, float(gather))
+    keys = seq if criterion == "fastv" else num_in
     flops = 2 * keys * llm.q_dim
-    act = (llm.q_dim + keys * llm.kv_dim) * elem + seq * d * elem + out_seq * d * elem + seq * 8
+    act = (llm.q_dim + keys * llm.kv_dim) * elem + gather
+    if criterion == "btp":     # unit rows, D = 1 - cos (n x n x d), the fill reads rows of D
+        flops += 3 * num_in * d + 2 * num_in * num_in * d + 2 * keep * num_in
+        act += 2 * num_in * d * 4 + num_in * num_in * 4 + keep * num_in * 4
     return Cost(float(flops), float(act))
 
 
@@ -331,7 +337,7 @@ DEVICES: dict[str, Device] = {
                    "NVIDIA A100 datasheet: 312 TFLOP/s dense fp16/bf16, 19.5 fp32, 2.0 TB/s"),
     "agx-orin": Device("agx-orin", "Jetson AGX Orin 64GB",
                        {"fp16": 42.5 * _T, "bf16": 42.5 * _T, "fp32": 5.3 * _T}, 204.8e9,
-                       "DESIGN §5: ~42 TFLOP/s fp16 dense (16 SMs at 1.3 GHz); fp32 = 2048 CUDA "
+                       "docs/design.md §5: ~42 TFLOP/s fp16 dense (16 SMs at 1.3 GHz); fp32 = 2048 CUDA "
                        "cores x 2 x 1.3 GHz; 204.8 GB/s LPDDR5"),
     "orin-nano": Device("orin-nano", "Jetson Orin Nano 8GB",
                         {"fp16": 10.2 * _T, "bf16": 10.2 * _T, "fp32": 1.28 * _T}, 68e9,
