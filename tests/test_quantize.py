@@ -311,3 +311,16 @@ def test_validate_quantized_artifact_against_the_dequantized_model(tmp_path):
     assert all(c.tolerance == 3e-2 for c in decoder)
     assert all(c.tolerance == 1e-4 for c in checks
                if not c.segment.startswith("decoder") and c.output != "kept")
+
+
+def test_tensorrt_plans_build_quantized_artifacts_strongly_typed(tmp_path):
+    import json
+
+    from feather_export.tensorrt.plans import plan_engines
+
+    art = _export("tiny", tmp_path / "int4", "int4")
+    manifest = json.loads((art / "feather.json").read_text())
+    plans = plan_engines(manifest)
+    assert plans and all(p.strongly_typed and p.precision == "fp32" for p in plans)
+    with pytest.raises(FeatherError, match="strongly typed"):
+        plan_engines(manifest, "fp16")

@@ -188,6 +188,14 @@ def plan_engines(manifest: dict, precision: str | None = None, *,
     ``resolve_precision``."""
     precision, strongly_typed = resolve_precision(manifest["dtype"], precision,
                                                   strongly_typed_only=strongly_typed_only)
+    quant = manifest.get("quantization") or {}
+    formats = {quant.get("weights", "float"), quant.get("lm_head", "float")} - {"float"}
+    if formats and not strongly_typed:
+        raise FeatherError(
+            f"this artifact stores {'/'.join(sorted(formats))} weights (weight-only DequantizeLinear): "
+            "TensorRT builds those as strongly typed networks only; build without --precision "
+            f"(engines take the artifact's dtype, {manifest['dtype']}), or export with --dtype "
+            f"{precision} for {precision} engines")
     model, stages = manifest["model"], manifest["prune"]["stages"]
     n_total = model["num_image_tokens"]
     text, new = manifest["max_text_tokens"], manifest["max_new_tokens"]
