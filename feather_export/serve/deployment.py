@@ -21,8 +21,25 @@ from feather_export.serve import responses
 from feather_export.serve.protocol import (ChatRequest, Limits, RequestError, count_prompt_tokens,
                                            parse_chat_request, parse_json)
 
-REPLICA_HEADER = "x-feather-replica"     # the Ray actor id of the model replica that answered
+REPLICA_HEADER = "x-feather-replica"     # the Serve replica id of the model replica that answered
 MAX_BODY_BYTES = 64 << 20
+
+
+def _failure_body(exc: BaseException) -> tuple[int, dict]:
+    if isinstance(exc, RayTaskError):
+        return 500, responses.error(f"the model replica failed on this request: "
+                                    f"{type(exc.cause).__name__}: {exc.cause}"[:500], "server_error")
+    if isinstance(exc, RayError):
+        return 503, responses.error(f"the model replica serving this request died "
+                                    f"({type(exc).__name__}); Ray Serve restarts it, retry the "
+                                    "request", "server_error", code="replica_died")
+    return 500, responses.error(f"internal error: {type(exc).__name__}: {exc}"[:500],
+                                "server_error")
+
+
+def _failure(exc: BaseException) -> JSONResponse:
+    status, body = _failure_body(exc)
+    return JSONResponse(body, status_code=status)
 
 
 def load_pipeline(artifact: str, backend: Optional[str], threads: Optional[int]):
@@ -45,15 +62,13 @@ class FeatherModel:
     """One replica = one Pipeline; Serve sends it one request at a time."""
 
     def __init__(self, artifact: str, backend: str | None, threads: int | None):
-        import ray
-
         self.pipe = load_pipeline(artifact, backend, threads)
-        self.actor_id = ray.get_runtime_context().get_actor_id()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     def generate(self, request: ChatRequest) -> Iterator[dict]:
         """Yields {"replica"}, then {"text"} pieces, then {"finish_reason", "completion_tokens"};
         or {"error"} if the runtime refuses the request (the replica keeps serving)."""
-        yield {"replica": self.actor_id}
+        yield {"replica": self.replica_id}
         result = None
         try:
             for item in self.pipe.generate_stream(request.image, request.question,
@@ -169,20 +184,3 @@ class OpenAIIngress:
             yield responses.sse(responses.chunk(cid, model, created, {}, usage_counts=counts,
                                                 choices=False))
         yield responses.sse("[DONE]")
-
-
-def _failure_body(exc: BaseException) -> tuple[int, dict]:
-    if isinstance(exc, RayTaskError):
-        return 500, responses.error(f"the model replica failed on this request: "
-                                    f"{type(exc.cause).__name__}: {exc.cause}"[:500], "server_error")
-    if isinstance(exc, RayError):
-        return 503, responses.error(f"the model replica serving this request died "
-                                    f"({type(exc).__name__}); Ray Serve restarts it, retry the "
-                                    "request", "server_error", code="replica_died")
-    return 500, responses.error(f"internal error: {type(exc).__name__}: {exc}"[:500],
-                                "server_error")
-
-
-def _failure(exc: BaseException) -> JSONResponse:
-    status, body = _failure_body(exc)
-    return JSONResponse(body, status_code=status)
