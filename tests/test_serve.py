@@ -261,6 +261,22 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, client, name):
     assert _ask(client, max_tokens=2, temperature=0).choices[0].message.content is not None
 
 
+def test_load_generator(server):
+    from feather_export.serve.loadgen import LoadConfig, run_load, summarize
+
+    _, _, images = server
+    samples = run_load(LoadConfig(url=server[0], model="tiny", image=images / "a.png",
+                                  max_tokens=4, concurrency=3, duration=None, requests=7))
+    summary = summarize(samples)
+    assert summary["requests"] == summary["ok"] == 7 and summary["errors"] == 0
+    assert all(s.completion_tokens == 4 and 0 < s.ttft <= s.latency for s in samples)
+    assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
+    assert summary["throughput_rps"] > 0
+    bad = run_load(LoadConfig(url=server[0], model="nope", image=images / "a.png",
+                              concurrency=2, duration=None, requests=2))
+    assert summarize(bad)["errors"] == 2
+
+
 def _replicas() -> dict:
     """replica id (the x-feather-replica header) -> actor handle, for the live model replicas."""
     import ray

@@ -46,17 +46,19 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> int:
-    try:
-        from feather_export.serve.app import ServeConfig, serve_forever
-        import ray.serve  # noqa: F401
-    except ImportError as exc:
-        raise FeatherError(f"serve needs the serve extra ({exc.name} is missing): "
-                           "pip install 'feather-export[serve]'") from None
+    from feather_export.serve.app import ServeConfig, check_artifact, serve_forever
+
     config = ServeConfig(artifact=Path(args.artifact), replicas=args.replicas,
                          address=args.address, host=args.host, port=args.port,
                          image_root=Path(args.image_root) if args.image_root else None,
                          max_image_pixels=args.max_image_pixels, model_name=args.model_name,
                          backend=args.backend, cpus_per_replica=args.cpus_per_replica,
                          gpus_per_replica=args.gpus_per_replica)
+    check_artifact(config)                     # a bad artifact is refused before Ray starts
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        raise FeatherError(f"serve needs the serve extra ({exc.name} is missing): "
+                           "pip install 'feather-export[serve]'") from None
     serve_forever(config, say=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
