@@ -3,6 +3,7 @@ bound Ray Serve application, and start/stop on a local or an existing Ray cluste
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +100,19 @@ def stop(local: bool) -> None:
 
 
 def serve_forever(config: ServeConfig, say=print) -> None:
+    """Serve until Ctrl-C or SIGTERM, then remove the application (and the local Ray instance)."""
     try:
-        say(f"serving on {start(config)}; Ctrl-C stops it")
+        url = start(config)
+        # after ray.init, which installs its own SIGTERM handler (it logs and kills the process
+        # before the cleanup below could run)
+        signal.signal(signal.SIGTERM, _exit)
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started ignoring it
+        say(f"serving on {url}; Ctrl-C stops it")
         while True:
             time.sleep(3600)
     finally:
         stop(local=config.address is None)
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
