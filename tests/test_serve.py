@@ -330,7 +330,7 @@ def test_killed_replica_costs_only_its_request(server, client):
         end = time.monotonic() + 30
         busy = None
         while busy is None and time.monotonic() < end:
-            for handle in live.values():
+            for handle in live.values():     # Serve's replica actor method (its router uses it)
                 if ray.get(handle.get_num_ongoing_requests.remote()):
                     busy = handle
         assert busy is not None, "the long request never reached a replica"

@@ -17,6 +17,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from starlette.responses import JSONResponse, StreamingResponse
 
+from feather_export.errors import FeatherError
 from feather_export.serve import responses
 from feather_export.serve.protocol import (ChatRequest, Limits, RequestError, count_prompt_tokens,
                                            parse_chat_request, parse_json)
@@ -77,11 +78,7 @@ class FeatherModel:
                     yield {"text": item}
                 else:
                     result = item
-        except Exception as exc:          # noqa: BLE001 - a refused request must not kill us
-            from feather_runtime import FeatherError
-
-            if not isinstance(exc, FeatherError):
-                raise
+        except FeatherError as exc:       # refused by the runtime: the replica keeps serving
             yield {"error": str(exc)}
             return
         yield {"finish_reason": self._finish_reason(request, result.token_ids),
