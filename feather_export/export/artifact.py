@@ -67,12 +67,18 @@ def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
     return plan
 
 
-def check_export(options: ExportOptions, geo, out: Path) -> PruneConfig:
-    """Refuse bad options and output directories before any weight is loaded."""
+def check_export(options: ExportOptions, geo, out: Path, config=None) -> PruneConfig:
+    """Refuse bad options and output directories before any weight is loaded (``config``: the
+    model's ``LlavaConfig``, checked against the artifact's longest sequence)."""
+    from feather_export.models.family import check_config
+
     if options.dtype not in DTYPES:
         raise FeatherError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     if options.max_text_tokens < 1 or options.max_new_tokens < 1:
         raise FeatherError("--max-text-tokens and --max-new-tokens must be at least 1")
+    if config is not None:
+        check_config(config, max_sequence=geo.num_image_tokens + options.max_text_tokens
+                     + options.max_new_tokens)
     _check_output_dir(out)
     return PruneConfig.create(options.method, geo, budget=options.budget,
                               schedule=options.schedule, stride=options.stride)
@@ -86,7 +92,8 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
-    cfg = check_export(options, geometry_of(load_config(model_spec)), out)
+    config = load_config(model_spec)
+    cfg = check_export(options, geometry_of(config), out, config)
     say(f"loading model {model_spec}")
     model, source = resolve_model(model_spec)
     return export_model(model, str(model_spec), source, out, options, cfg, say)
