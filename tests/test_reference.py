@@ -187,3 +187,16 @@ def test_reference_refuses_prompt_without_image_block(tiny_models):
     pixels, _ = tiny_inputs(model)
     with pytest.raises(FeatherError, match="contiguous block of 576"):
         reference_generate(model, pixels, np.array([[1, 5, 6]]), method="none")
+
+
+def test_reference_uses_current_transformers_api_without_warnings(tiny_models):
+    """The reference calls transformers' current API (no deprecation/future warnings on any run)."""
+    import warnings
+
+    model = tiny_models["tiny"]
+    pixels, ids = tiny_inputs(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in ("none", "feather", "fastv", "fastervlm"):
+            reference_generate(model, pixels, ids, method=method, max_new_tokens=2)
+    assert [str(w.message) for w in caught] == []
