@@ -121,7 +121,7 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
             onnx_model = _build(model, seg, cfg, geo.grid_side, et, options.trt_plugin_only)
             segments.append(_save_segment(tmp, seg, onnx_model))
             del onnx_model                       # large models: free each graph once saved
-        files = _copy_inputs(model.config.vision_config.image_size, source, tmp)
+        files = _copy_inputs(model.config, source, tmp)
         manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files)
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
@@ -188,20 +188,22 @@ def _save_segment(root: Path, seg: SegmentPlan, onnx_model) -> Segment:
                    seg.layers, seg.stage, data_files)
 
 
-def _copy_inputs(image_size: int, source: Path | None, tmp: Path) -> list[dict]:
+def _copy_inputs(config, source: Path | None, tmp: Path) -> list[dict]:
     """Tokenizer and preprocessor config, so the artifact runs with nothing else.
 
-    Built-in models (``source`` None) get the tiny tokenizer and a CLIP preprocessor config.
+    Built-in models (``source`` None) get the tiny tokenizer and their tower's preprocessor config.
     """
     from feather_runtime.preprocess import write_preprocessor_config
 
+    from feather_export.models.family import vision_spec
     from feather_export.models.tokenizer import save_tiny_tokenizer
 
     tok_dir = tmp / "tokenizer"
     tok_dir.mkdir()
     if source is None:
         save_tiny_tokenizer(tok_dir)
-        write_preprocessor_config(tmp, image_size)
+        write_preprocessor_config(tmp, config.vision_config.image_size,
+                                  vision_spec(config).processors[0])
     else:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():

@@ -25,6 +25,10 @@ def _read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FeatherError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
+    return _read_json(cfg_file)
+
+
+def _read_json(cfg_file: Path) -> dict:
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as exc:
@@ -43,7 +47,7 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise FeatherError(f"--model {path} is not a directory (or a tiny model name)")
     cfg = _read_config(path)
     try:
-        check_config(cfg)
+        _, vision = check_config(cfg)
     except FeatherError as exc:
         raise FeatherError(f"{path}: {exc}") from None
     if not list(path.glob("*.safetensors")):
@@ -51,6 +55,11 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (path / name).is_file():
             raise FeatherError(f"{path} has no {name}; the artifact needs it to run on its own")
+    processor = _read_json(path / "preprocessor_config.json").get("image_processor_type",
+                                                                   vision.processors[0])
+    if processor not in vision.processors:
+        raise FeatherError(f"{path}: image_processor_type {processor!r} does not prepare a "
+                           f"{vision.family} tower ({' or '.join(vision.processors[:1])} does)")
     return path
 
 

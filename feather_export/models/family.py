@@ -96,6 +96,7 @@ class VisionSpec:
     patch_bias: bool
     feature_layers: tuple[int, ...]   # hidden_states indices (0 = embeddings), concatenated
     keep_cls: bool                    # strategy ``full`` on a CLS tower: CLS is an image token
+    processors: tuple[str, ...]       # image processors that prepare its input (first: default)
 
     @property
     def run_layers(self) -> int:
@@ -172,7 +173,7 @@ def vision_spec(config) -> VisionSpec:
                                "of a vision layer")
         resolved.append(index)
     return VisionSpec(kind, family.cls_token, family.pre_norm, family.patch_bias, tuple(resolved),
-                      keep_cls=strategy == "full" and family.cls_token)
+                      keep_cls=strategy == "full" and family.cls_token, processors=family.processors)
 
 
 def check_config(config, *, max_sequence: int | None = None) -> tuple[TextSpec, VisionSpec]:

@@ -151,6 +151,7 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
     """Write a tiny model as a complete checkpoint directory (weights, tokenizer, preprocessor)."""
     from feather_runtime.preprocess import write_preprocessor_config
 
+    from feather_export.models.family import vision_spec
     from feather_export.models.tokenizer import save_tiny_tokenizer
 
     out = Path(out_dir)
@@ -161,5 +162,6 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
     with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tiny_tokenizer(tmp)
-        write_preprocessor_config(tmp, TINY_MODELS[name].image_size)
+        write_preprocessor_config(tmp, TINY_MODELS[name].image_size,
+                                  vision_spec(model.config).processors[0])
     return out
