@@ -92,8 +92,15 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
+    from feather_export.models.chat import prompt_template
+    from feather_export.models.checkpoint import checkpoint_path
+    from feather_export.models.shapes import SHAPE_MODELS
+    from feather_export.models.tiny import TINY_MODELS
+
     config = load_config(model_spec)
     cfg = check_export(options, geometry_of(config), out, config)
+    built_in = str(model_spec) in TINY_MODELS or str(model_spec) in SHAPE_MODELS
+    prompt_template(None if built_in else checkpoint_path(model_spec), str(model_spec))
     say(f"loading model {model_spec}")
     model, source = resolve_model(model_spec)
     return export_model(model, str(model_spec), source, out, options, cfg, say)
@@ -104,8 +111,10 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
     """Write the artifact of an already loaded model (``cfg`` from ``check_export``).
 
     ``source`` is the checkpoint directory (tokenizer and preprocessor are copied from it), or
-    None for built-in models (the tiny tokenizer and a CLIP preprocessor config are written).
+    None for built-in models (the tiny tokenizer and the tower's preprocessor config are written).
+    The manifest stores the rendered chat template (``models.chat``).
     """
+    from feather_export.models.chat import prompt_template
     from feather_export.models.geometry import geometry_of
 
     geo = geometry_of(model.config)
@@ -123,6 +132,7 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
             del onnx_model                       # large models: free each graph once saved
         files = _copy_inputs(model.config, source, tmp)
         manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files)
+        manifest["prompt"] = prompt_template(source, model_id).to_dict()
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:

@@ -40,6 +40,7 @@ class TinySpec:
     strategy: str = "default"
     tied: bool = False
     text_extra: tuple = ()
+    chat: tuple[str, str] | None = None      # (models.chat.TINY_CHAT_TEMPLATES key, where stored)
 
 
 TINY_MODELS: dict[str, TinySpec] = {
@@ -51,11 +52,13 @@ TINY_MODELS: dict[str, TinySpec] = {
     # longer than any artifact sequence), linear rope scaling; CLIP, two feature layers concatenated.
     "tiny-mistral": TinySpec(224, 14, 32, 3, 4, 64, 4, 4, 2, 128, 1000000.0, text="mistral",
                              head_dim=24, rope=(("rope_type", "linear"), ("factor", 2.0)),
-                             feature_layer=(-3, -2), text_extra=(("sliding_window", 8192),)),
+                             feature_layer=(-3, -2), text_extra=(("sliding_window", 8192),),
+                             chat=("inst", "tokenizer_config")),
     # llava-interleave-qwen-like: Qwen2 (q/k/v biases, MQA, tied embeddings) + SigLIP, layer -1,
     # strategy full (SigLIP has no CLS: every patch is an image token).
     "tiny-qwen2-siglip": TinySpec(192, 16, 32, 2, 4, 64, 4, 4, 1, 128, 1000000.0, text="qwen2",
-                                  vision="siglip", feature_layer=-1, strategy="full", tied=True),
+                                  vision="siglip", feature_layer=-1, strategy="full", tied=True,
+                                  chat=("chatml", "chat_template.json")),
     # Llama with attention and MLP biases and llama3 rope scaling + SigLIP with a list of
     # feature layers under strategy full.
     "tiny-llama-siglip": TinySpec(224, 16, 32, 3, 4, 64, 4, 4, 2, 128, 500000.0, vision="siglip",
@@ -63,7 +66,8 @@ TINY_MODELS: dict[str, TinySpec] = {
                                         ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
                                         ("original_max_position_embeddings", 64)),
                                   feature_layer=(-3, -1), strategy="full",
-                                  text_extra=(("attention_bias", True), ("mlp_bias", True))),
+                                  text_extra=(("attention_bias", True), ("mlp_bias", True)),
+                                  chat=("llava", "chat_template.jinja")),
 }
 
 FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip")
@@ -151,6 +155,7 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
     """Write a tiny model as a complete checkpoint directory (weights, tokenizer, preprocessor)."""
     from feather_runtime.preprocess import write_preprocessor_config
 
+    from feather_export.models.chat import TINY_CHAT_TEMPLATES, write_chat_template
     from feather_export.models.family import vision_spec
     from feather_export.models.tokenizer import save_tiny_tokenizer
 
@@ -164,4 +169,7 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
         save_tiny_tokenizer(tmp)
         write_preprocessor_config(tmp, TINY_MODELS[name].image_size,
                                   vision_spec(model.config).processors[0])
+        if TINY_MODELS[name].chat is not None:
+            chat, location = TINY_MODELS[name].chat
+            write_chat_template(tmp, TINY_CHAT_TEMPLATES[chat], location)
     return out
