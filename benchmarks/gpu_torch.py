@@ -4,7 +4,7 @@ provider (and TensorRT engines are not built yet).
 The prefill runs the same segments as an exported artifact (vision up to the feature layer,
 embed + merge, decoder spans, selection between them) with transformers' own modules, each timed
 as wall time with a device synchronisation at its end, like the runtime's per-segment timings.
-Selection follows DESIGN §4 (FEATHER: last-token query vs image keys without RoPE; FastV: with
+Selection follows docs/design.md §4 (FEATHER: last-token query vs image keys without RoPE; FastV: with
 RoPE over the causal row; FasterVLM: CLS attention in the feature layer) from the query and keys
 layer K-1 computed in the span (forward hooks, as the exported spans output them), TopK on the
 device (ties are not forced to the lower index: timing only). Decode uses transformers' DynamicCache

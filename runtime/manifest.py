@@ -1,4 +1,4 @@
-"""``feather.json``: the artifact manifest (DESIGN §2). Read and verified here, written by the exporter.
+"""``feather.json``: the artifact manifest (docs/design.md §2). Read and verified here, written by the exporter.
 
 The manifest is written last and atomically; an artifact directory without one is incomplete.
 """

@@ -1,6 +1,6 @@
 """``Pipeline``: prefill (vision -> embed+merge -> decoder spans with selection) and decode.
 
-Positions follow DESIGN §3: kept tokens keep their original positions and decoding continues after
+Positions follow docs/design.md §3: kept tokens keep their original positions and decoding continues after
 the last one (FasterVLM: contiguous positions of the shortened sequence).
 
 Everything between segments stays in the backend's memory (device.py): a workspace allocated once
@@ -29,6 +29,7 @@ from .manifest import Manifest, load_manifest
 from .sampling import Sampler, SamplingConfig
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+DEFAULT_MAX_NEW_TOKENS = 64          # capped at the artifact's --max-new-tokens
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")       # SentencePiece byte-fallback pieces
 
 
@@ -67,11 +68,9 @@ class Pipeline:
         self.eos_token_ids = set(model["eos_token_ids"])
         self.method = manifest["prune"]["method"]
         self.stages = manifest["prune"]["stages"]
-        dtype = manifest["dtype"]
-        if dtype not in NUMPY_DTYPES:
-            raise FeatherError(f"{manifest.root} holds {dtype} graphs; the ONNX Runtime backend runs "
-                               "fp32 and fp16 artifacts")
-        self.dtype = NUMPY_DTYPES[dtype]
+        check_runnable(manifest)
+        self.dtype = NUMPY_DTYPES[manifest["dtype"]]
+        self.max_new_tokens_limit = int(manifest["max_new_tokens"])
         self.memory = backend.memory
         self.workspace = self._allocate_workspace()
         self.steps = self._plan_steps()
@@ -82,6 +81,7 @@ class Pipeline:
     def load(cls, path, backend: str | None = None, verify: bool = True) -> "Pipeline":
         """Open an artifact directory (checked against its manifest) with a backend."""
         manifest = load_manifest(path, verify=verify)
+        check_runnable(manifest)                 # before any session or engine is created
         chosen = get_backend(backend)
         try:
             runners = {seg.name: chosen.load(manifest.root, seg) for seg in manifest.segments}
@@ -176,11 +176,18 @@ class Pipeline:
         return pixels, ids
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, **kwargs) -> Result:
+    def default_max_new_tokens(self) -> int:
+        """64, or the artifact's limit (``--max-new-tokens`` at build) when that is smaller."""
+        return min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens_limit)
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int | None = None,
+                 **kwargs) -> Result:
+        """``max_new_tokens`` None: ``default_max_new_tokens()``. ``ignore_eos=True`` generates
+        exactly ``max_new_tokens`` tokens (benchmarks)."""
         pixels, ids = self.encode(image, prompt)
         return self.generate_ids(pixels, ids, max_new_tokens, decode_text=True, **kwargs)
 
-    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64,
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int | None = None,
                **kwargs) -> Iterator[str]:
         """Yield the answer's text as it is generated."""
         pixels, ids = self.encode(image, prompt)
@@ -188,7 +195,7 @@ class Pipeline:
             if isinstance(piece, str):
                 yield piece
 
-    def generate_ids(self, pixel_values, input_ids, max_new_tokens: int = 64, *,
+    def generate_ids(self, pixel_values, input_ids, max_new_tokens: int | None = None, *,
                      decode_text: bool = False, **kwargs) -> Result:
         """Generate from preprocessed inputs (image token already expanded to N in input_ids)."""
         result = None
@@ -198,8 +205,11 @@ class Pipeline:
         return result
 
     def _generate(self, pixel_values, input_ids, max_new_tokens, *, temperature=0.0, top_k=0,
-                  top_p=1.0, seed=None, stop=(), stream=False, decode_text=False):
+                  top_p=1.0, seed=None, stop=(), ignore_eos=False, stream=False, decode_text=False):
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, seed))
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens()
+        eos = frozenset() if ignore_eos else self.eos_token_ids
         pixel_values, input_ids, start = self._check_inputs(pixel_values, input_ids, max_new_tokens)
         self._acquire()
         try:
@@ -216,7 +226,7 @@ class Pipeline:
             for step in range(max_new_tokens):
                 token = sampler(logits)
                 tokens.append(token)
-                last = token in self.eos_token_ids or step + 1 == max_new_tokens
+                last = token in eos or step + 1 == max_new_tokens
                 if stream or decode_text or stop:
                     new_text = self.prompt_builder.decode(tokens)
                     cut = _stop_index(new_text, stop)
@@ -284,9 +294,11 @@ class Pipeline:
         if text_tokens > self.manifest["max_text_tokens"]:
             raise FeatherError(f"the prompt has {text_tokens} text tokens; this artifact allows "
                                f"{self.manifest['max_text_tokens']} (--max-text-tokens at build)")
-        if not 1 <= max_new_tokens <= self.manifest["max_new_tokens"]:
-            raise FeatherError(f"max_new_tokens must be between 1 and "
-                               f"{self.manifest['max_new_tokens']} for this artifact")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise FeatherError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if not 1 <= max_new_tokens <= self.max_new_tokens_limit:
+            raise FeatherError(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit} "
+                               "for this artifact (its --max-new-tokens at build)")
         return pixels, ids, int(where[0])
 
     def _run(self, name: str, inputs: dict, timings: dict | None = None) -> dict:
@@ -365,6 +377,20 @@ class Pipeline:
             step.cache.append(out)
             hidden = out.get("hidden_states")
         return mem.download(out["logits"]).reshape(-1)
+
+
+def check_runnable(manifest: Manifest) -> None:
+    """Refuse an artifact the runtime cannot run, before any session or engine is created."""
+    dtype = manifest["dtype"]
+    if dtype == "bf16":
+        raise FeatherError(
+            f"{manifest.root} holds bf16 graphs, which feather_runtime does not run on any backend: "
+            "ONNX Runtime has no bf16 kernels on CPU, and the runtime's host buffers (numpy) have no "
+            "bf16. Export with --dtype fp16 (NVIDIA GPUs: ONNX Runtime CUDA, TensorRT) or --dtype "
+            "fp32 (CPU)")
+    if dtype not in NUMPY_DTYPES:
+        raise FeatherError(f"{manifest.root} holds {dtype} graphs; feather_runtime runs fp32 and fp16 "
+                           "artifacts")
 
 
 def _close(backend) -> None:

@@ -259,3 +259,28 @@ def test_cache_sweep_compares_decode_cost_per_cached_token(arts, tmp_path, capsy
     assert "decode_cache_cost_over_attention_term" in head["results"][0]
     with pytest.raises(FeatherError, match="--cache-sweep"):
         _cli(["bench", str(arts["none"]), "--cache-sweep", "x", "--gen-lengths", "1"])
+
+
+def test_decode_rows_of_a_model_that_stops_at_eos(tmp_path, capsys):
+    """tiny-shapes answers in a few tokens: decode rows it never reached say "not measured"
+    (no rate, no prediction, no slope); --ignore-eos measures them."""
+    art = export("tiny-shapes", tmp_path / "shapes",
+                 ExportOptions(method="feather", max_new_tokens=16), progress=lambda m: None)
+    argv = ["bench", str(art), "--repeats", "2", "--warmup", "0", "--gen-lengths", "1,16",
+            "--device", "h100-sxm", "--no-verify", "--json", str(tmp_path / "r.json")]
+    assert _cli(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = next(r for r in report["rows"] if r["row"] == "decode tok/s @16")
+    assert row["n"] == 0 and "median" not in row and "predicted_tokens_per_s" not in row
+    assert "--ignore-eos" in row["not_measured"]
+    assert "not measured" in out and "t/s" not in out.split("decode tok/s @16")[1].splitlines()[0]
+    assert all(s["tokens"] < 16 for s in report["samples"])
+    assert report["per_target"]["feather@64/6"]["decode_scaling"] is None
+
+    assert _cli(argv + ["--ignore-eos"]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = next(r for r in report["rows"] if r["row"] == "decode tok/s @16")
+    assert row["n"] == 2 and row["median"] > 0 and "not_measured" not in row
+    assert all(s["tokens"] == 16 for s in report["samples"])

@@ -24,11 +24,51 @@ def test_help(command, capsys):
     assert "usage: feather-export " + command in capsys.readouterr().out
 
 
-def test_build_says_it_built_for_onnxruntime(tmp_path, capsys):
+def _subparsers():
+    import argparse
+
+    from feather_export.cli.main import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_help_documents_every_option_and_its_default(command):
+    """Every option has help; every option that takes a value says its default."""
+    import argparse
+
+    sub = _subparsers()[command]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{command} {name} has no help"
+        takes_value = action.option_strings and action.nargs != 0 and not action.required
+        if takes_value:
+            text = formatter._expand_help(action)
+            assert "default" in text, f"{command} {name}: help does not say the default: {text!r}"
+
+
+def test_tensorrt_options_are_grouped_and_say_they_need_the_backend():
+    build = _subparsers()["build"]
+    group = next(g for g in build._action_groups if "TensorRT" in (g.title or ""))
+    assert "--backend tensorrt" in group.title
+    assert {a.option_strings[0] for a in group._group_actions} == {
+        "--precision", "--plugin", "--timing-cache", "--workspace", "--reuse-engines"}
+
+
+def test_build_says_it_built_for_onnxruntime_in_one_line(tmp_path, capsys):
     assert main(["build", "--budget", "64", "--out", str(tmp_path / "a")]) == 0
     captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1                 # one completion line, on stdout
+    assert captured.out.startswith(f"built {tmp_path / 'a'}: 7 segments, feather keeping 64 -> 6 of 256 "
+                                    "image tokens, fp32, for ONNX Runtime")
     assert "TensorRT is not installed" in captured.out
     assert "exporting decoder_" in captured.err          # progress
+    assert "wrote" not in captured.err and "built" not in captured.err
     assert (tmp_path / "a" / "feather.json").is_file()
 
 
@@ -51,6 +91,21 @@ def test_run_json(artifact, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(res["token_ids"]) <= 3 and len(res["kept"]) == 2 and len(res["kept"][0]) == 64
     assert res["timings"]["ttft"] > 0
+
+
+def test_run_default_max_new_tokens_fits_a_small_artifact(tmp_path, capsys):
+    art = tmp_path / "small"
+    assert main(["build", "--max-new-tokens", "4", "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(art), "--image", SAMPLE, "--prompt", "Where is the red square?",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "top left"
+    assert main(["run", str(art), "--image", SAMPLE, "--prompt", "Where is the red square?",
+                 "--max-new-tokens", "5"]) == 2
+    assert "max_new_tokens must be between 1 and 4" in capsys.readouterr().err
+    assert main(["run", str(art), "--image", SAMPLE, "--prompt", "Where is the red square?",
+                 "--ignore-eos", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
 
 
 def test_check_and_validate(artifact, capsys):

@@ -1,4 +1,4 @@
-"""The performance model (DESIGN §5): FLOPs against hand-computed values, bytes against the
+"""The performance model (docs/design.md §5): FLOPs against hand-computed values, bytes against the
 exported weights, segment plans against the exporter, roofline arithmetic, the device table."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SHAPE = ModelShape(LLM, VISION)
 
 
 def test_decoder_layer_flops_matches_design_formula_by_hand():
-    # DESIGN §5: 2 n (4 d^2 + 3 d m) + 2 n^2 d with n = 10, d = 64, m = 128
+    # docs/design.md §5: 2 n (4 d^2 + 3 d m) + 2 n^2 d with n = 10, d = 64, m = 128
     assert decoder_layer_flops(10, 64, 128) == 2 * 10 * (4 * 4096 + 3 * 64 * 128) + 2 * 100 * 64
     assert decoder_layer_flops(10, 64, 128) == 832_000
     # one decode token over 20 cached: projections + 2*1*d (its own key) + 4*P*d

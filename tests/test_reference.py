@@ -1,4 +1,4 @@
-"""The PyTorch reference against transformers and against the method contract (DESIGN §4)."""
+"""The PyTorch reference against transformers and against the method contract (docs/design.md §4)."""
 import math
 
 import numpy as np

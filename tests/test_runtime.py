@@ -523,6 +523,42 @@ def test_error_max_new_tokens_above_bound(tiny_models, small_bounds):
             pipe.generate_ids(pixels, ids, bad)
 
 
+def test_default_max_new_tokens_fits_every_artifact(tiny_models, small_bounds):
+    """Without max_new_tokens, generation runs up to min(64, the artifact's limit), never an error."""
+    pipe = Pipeline.load(small_bounds)
+    pixels, ids = tiny_inputs(tiny_models["tiny"], 0)
+    assert pipe.default_max_new_tokens() == 8
+    assert len(pipe.generate_ids(pixels, ids, ignore_eos=True).token_ids) == 8
+    assert 1 <= len(pipe.generate(image=SHAPES, prompt="Hi").token_ids) <= 8
+    assert "".join(pipe.stream(image=SHAPES, prompt="Hi")) == pipe.generate(image=SHAPES,
+                                                                            prompt="Hi").text
+    for bad in (2.5, "8", True):
+        with pytest.raises(FeatherError, match="max_new_tokens must be an integer"):
+            pipe.generate_ids(pixels, ids, bad)
+
+
+def test_ignore_eos_generates_past_end_of_sequence(artifact):
+    pipe = Pipeline.load(artifact("tiny-shapes", "feather", max_new_tokens=12))
+    short = pipe.generate(image=SHAPES, prompt="Where is the red square?")
+    assert short.text == "top left" and short.token_ids[-1] in pipe.eos_token_ids
+    assert len(short.token_ids) < 12
+    full = pipe.generate(image=SHAPES, prompt="Where is the red square?", ignore_eos=True)
+    assert len(full.token_ids) == 12 and full.token_ids[:len(short.token_ids)] == short.token_ids
+
+
+def test_bf16_artifact_is_refused_before_any_session(tmp_path, monkeypatch):
+    path = export("tiny", tmp_path / "art", ExportOptions(method="none", dtype="bf16"),
+                  progress=lambda m: None)
+    import feather_runtime.pipeline as pipeline_module
+
+    def no_backend(*a, **k):
+        raise AssertionError("a backend was created for a bf16 artifact")
+
+    monkeypatch.setattr(pipeline_module, "get_backend", no_backend)
+    with pytest.raises(FeatherError, match=r"bf16 graphs.*--dtype fp16.*--dtype fp32"):
+        Pipeline.load(path)
+
+
 def test_error_unreadable_image(tmp_path, pipeline):
     bad = tmp_path / "garbage.png"
     bad.write_bytes(os.urandom(64) + b"not an image")

@@ -1,11 +1,11 @@
-"""The performance model of DESIGN §5: FLOPs and bytes per segment, and roofline time per device.
+"""The performance model of docs/design.md §5: FLOPs and bytes per segment, and roofline time per device.
 
 Per Llama layer with n new tokens, P cached tokens, hidden d, FFN width m (SwiGLU, 3 matrices):
 
     FLOPs = 2 n (2 d q + 2 d kv + 3 d m) + 2 n^2 d + 4 n P d
 
 with q = heads * head_dim and kv = kv_heads * head_dim; for multi-head attention (q = kv = d)
-and P = 0 this is DESIGN's 2 n (4 d^2 + 3 d m) + 2 n^2 d (causal). Only matrix products are
+and P = 0 this is the design's 2 n (4 d^2 + 3 d m) + 2 n^2 d (causal). Only matrix products are
 counted (norms, softmax, rotary and gathers are O(n d) and left out). The CLIP encoder is
 non-causal: 2 n (4 c^2 + 2 c m_v) + 4 n^2 c per layer with n = N + 1 (CLS). Bytes moved are a
 lower bound: every weight once, plus the KV rows read and written and the activations in and out.
@@ -103,7 +103,7 @@ class Cost:
 
 def decoder_layer_flops(n: int, d: int, m: int, past: int = 0, q_dim: int | None = None,
                         kv_dim: int | None = None) -> float:
-    """DESIGN §5 FLOPs of one Llama layer for n new tokens over ``past`` cached ones."""
+    """docs/design.md §5 FLOPs of one Llama layer for n new tokens over ``past`` cached ones."""
     q = d if q_dim is None else q_dim
     kv = d if kv_dim is None else kv_dim
     proj = 2 * n * (2 * d * q + 2 * d * kv + 3 * d * m)
@@ -294,7 +294,7 @@ DEVICES: dict[str, Device] = {
                    "NVIDIA A100 datasheet: 312 TFLOP/s dense fp16/bf16, 19.5 fp32, 2.0 TB/s"),
     "agx-orin": Device("agx-orin", "Jetson AGX Orin 64GB",
                        {"fp16": 42.5 * _T, "bf16": 42.5 * _T, "fp32": 5.3 * _T}, 204.8e9,
-                       "DESIGN §5: ~42 TFLOP/s fp16 dense (16 SMs at 1.3 GHz); fp32 = 2048 CUDA "
+                       "docs/design.md §5: ~42 TFLOP/s fp16 dense (16 SMs at 1.3 GHz); fp32 = 2048 CUDA "
                        "cores x 2 x 1.3 GHz; 204.8 GB/s LPDDR5"),
     "orin-nano": Device("orin-nano", "Jetson Orin Nano 8GB",
                         {"fp16": 10.2 * _T, "bf16": 10.2 * _T, "fp32": 1.28 * _T}, 68e9,

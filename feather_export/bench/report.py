@@ -38,6 +38,10 @@ def format_table(report: dict) -> str:
               f"{'p10-p90':>13} {'FLOPs pred':>10} {'roofl pred':>10}")
     lines += [header, "-" * len(header)]
     for r in report["rows"]:
+        if r.get("not_measured"):
+            lines.append(f"{r['target']:<16} {r['row']:<24} {r['n']:>3} not measured: "
+                         f"{r['not_measured']}")
+            continue
         if r["kind"] == "decode_rate":
             med = f"{r['median']:.2f} t/s" if r.get("median") else "-"
             spread = (f"{r['p10']:.2f}-{r['p90']:.2f} t/s" if r.get("median") else "-")
@@ -185,16 +189,19 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, zero_based: bool = False) 
     if zero_based:
         ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
 
 def _points(ax, rows, xs, color, label):
-    for i, (x, r) in enumerate(zip(xs, rows)):
+    """Median and p10-p90 of every measured row (rows marked "not measured" have no median)."""
+    for x, r in zip(xs, rows):
         if r.get("median") is None:
             continue
         ax.errorbar([x], [r["median"]], yerr=[[r["median"] - r["p10"]], [r["p90"] - r["median"]]],
-                    fmt="o", color=color, capsize=3, label=label if i == 0 else None)
+                    fmt="o", color=color, capsize=3, label=label)
+        label = None                                  # one legend entry per series
 
 
 def _save(fig, path: Path) -> Path:

@@ -29,6 +29,8 @@ from feather_export.errors import FeatherError
 SCHEMA = "feather-export-bench/1"
 DEFAULT_PROMPT = "Describe the image in detail."
 CURVE_POINTS = 24
+MIN_DECODE_SAMPLES = 2      # a decode row needs this many runs that reached its length
+MIN_SLOPE_POINTS = 8        # decode steps needed to fit step time against cache length
 
 
 # ---- options and targets -------------------------------------------------------------------------
@@ -47,6 +49,7 @@ class BenchOptions:
     threads: int | None = None         # ONNX Runtime intra-op threads (default: ORT's choice)
     ort_config: tuple[tuple[str, str], ...] = ()   # session config entries, e.g. allow_spinning
     cache_sweep: tuple[int, ...] = ()  # decode-step probe at these cache lengths (synthetic past)
+    ignore_eos: bool = False           # generate max(gen_lengths) tokens past end-of-sequence
 
     def __post_init__(self):
         if self.repeats < 1:
@@ -324,7 +327,7 @@ def run_bench(paths, options: BenchOptions, progress: Callable[[str], None] | No
             run_no += 1
             logs[i].clear()
             load, cpu0, wall0 = _loadavg(), _cpu_seconds(), time.perf_counter()
-            res = pipes[i].generate_ids(pixels, ids, max_gen)
+            res = pipes[i].generate_ids(pixels, ids, max_gen, ignore_eos=options.ignore_eos)
             cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
             _, steps = split_timeline(logs[i], prompt_len)
             sample = {"target": targets[i].label, "repeat": rep, "warmup": rep < 0, "order": pos,
@@ -338,7 +341,8 @@ def run_bench(paths, options: BenchOptions, progress: Callable[[str], None] | No
                 f"{res.timings['ttft'] * 1e3:9.1f} ms  selection "
                 f"{res.timings.get('selection', 0.0) * 1e3:7.1f} ms  decode {tps:7.2f} tok/s"
                 + ("" if len(res.token_ids) == max_gen else
-                   f"  (stopped at EOS after {len(res.token_ids)} tokens)"))
+                   f"  (stopped at EOS after {len(res.token_ids)} tokens; --ignore-eos "
+                   "measures decode past it)"))
     sweeps = {}
     if options.cache_sweep:
         for t, pipe in zip(targets, pipes):
@@ -489,7 +493,7 @@ def decode_scaling(target: Target, samples: list[dict], device, prompt_len: int)
     from feather_export.bench.perf_model import decode_costs
 
     points = [(s["past"], s["seconds"]) for smp in samples for s in smp["steps"]]
-    if len(points) < 3:
+    if len(points) < MIN_SLOPE_POINTS:
         return None
     past, secs = zip(*points)
     lo, hi = min(past), max(past)
@@ -635,6 +639,14 @@ def summarize(targets: list[Target], samples: list[dict], device, prompt_len: in
             if g < 2:
                 continue
             rates = [decode_tokens_per_s(s["steps"], g) for s in runs]
+            reached = sum(r is not None for r in rates)
+            if reached < MIN_DECODE_SAMPLES:
+                rows.append({"target": t.label, "row": f"decode tok/s @{g}", "kind": "decode_rate",
+                             "n": reached, "gen_length": g, "not_measured": (
+                                 f"{reached} of {len(runs)} runs reached {g} tokens (the model "
+                                 "stopped at end-of-sequence); bench --ignore-eos measures decode "
+                                 "past it")})
+                continue
             mean_past = prompt_len + (g - 1) / 2
             step_costs = decode_costs(t.shape, t.prune, int(mean_past), t.dtype)
             extra = {}

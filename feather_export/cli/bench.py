@@ -18,15 +18,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "(interleaved, after warm-up). Give the `none` artifact too for speed-ups.")
     p.add_argument("artifacts", nargs="+", metavar="OUT",
                    help="artifact directories (one of them exported with --method none)")
-    p.add_argument("--json", metavar="FILE", help="write the full report (every sample) here")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the full report (every sample) here (default: not written)")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib: "
-                   "pip install 'feather-export[bench]')")
+                   "pip install 'feather-export[bench]'; default: no plots)")
     p.add_argument("--repeats", type=int, default=5, help="measured runs per artifact (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per artifact (default 1)")
     p.add_argument("--gen-lengths", default="1,16,64",
                    help="generation lengths to report decode tokens/s at; every run generates "
                         "the largest (default 1,16,64)")
-    p.add_argument("--backend", help="onnxruntime (default), onnxruntime-cpu, onnxruntime-cuda")
+    p.add_argument("--backend", help="onnxruntime, onnxruntime-cpu, onnxruntime-cuda (default: "
+                   "onnxruntime, on CUDA when onnxruntime-gpu is installed)")
     p.add_argument("--device", help="roofline device: cpu (measured here; the default on CPU) "
                    "or h100-sxm, h200, a100, agx-orin, orin-nano (default on GPU: detected)")
     p.add_argument("--prompt", help="prompt text (default: a short question)")
@@ -34,11 +36,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
     p.add_argument("--ort-config", action="append", metavar="KEY=VALUE",
                    help="ONNX Runtime session config entry for every segment (repeatable), e.g. "
-                        "session.intra_op.allow_spinning=0")
+                        "session.intra_op.allow_spinning=0 (default: none beyond the runtime's)")
     p.add_argument("--cache-sweep", metavar="P1,P2,...",
                    help="also time one decode step of every decoder span against a synthetic "
                         "KV cache of these lengths (e.g. 128,512,1024,2048): how a step's cost "
-                        "grows with the cache, over a wider range than a generation covers")
+                        "grows with the cache, over a wider range than a generation covers "
+                        "(default: no sweep)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate every run's full length past end-of-sequence, so decode is "
+                        "measured on models that stop early")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the artifacts when loading")
     p.add_argument("--quick-microbench", action="store_true",
@@ -56,6 +62,7 @@ def options_from_args(args):
                         device=args.device, prompt=args.prompt or DEFAULT_PROMPT, seed=args.seed,
                         verify=not args.no_verify, quick_microbench=args.quick_microbench,
                         threads=args.threads, ort_config=parse_ort_config(args.ort_config),
+                        ignore_eos=args.ignore_eos,
                         cache_sweep=parse_gen_lengths(args.cache_sweep, "--cache-sweep")
                         if args.cache_sweep
                         else ())

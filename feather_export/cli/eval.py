@@ -27,12 +27,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    "equivalents of LLaVA-1.5's 144,64,32 of 576 tokens; 64,28,14 on a 16x16 grid)")
     p.add_argument("--schedule", action="append", metavar="METHOD=LAYER:KEEP[,LAYER:KEEP]",
                    help="also evaluate this explicit schedule (repeatable), e.g. --schedule "
-                        "feather=1:136 --schedule fastv=1:26 (equal-cost comparisons)")
+                        "feather=1:136 --schedule fastv=1:26 (equal-cost comparisons; default: "
+                        "none)")
     p.add_argument("--n", type=int, default=d.n, help=f"samples of the split (default {d.n})")
-    p.add_argument("--engine", default="both", choices=["onnx", "reference", "both"])
-    p.add_argument("--split", default=d.split, choices=["test", "val"])
+    p.add_argument("--engine", default="both", choices=["onnx", "reference", "both"],
+                   help="answer through the exported ONNX artifacts, the PyTorch reference, or both "
+                        "(and compare them)")
+    p.add_argument("--split", default=d.split, choices=["test", "val"],
+                   help="held-out split of the shapes task")
     p.add_argument("--seed", type=int, default=d.seed, help="task seed (default 0: the committed results)")
-    p.add_argument("--out", help="directory for results.json, table.txt, accuracy_vs_budget.png, overlays/")
+    p.add_argument("--out", help="directory for results.json, table.txt, accuracy_vs_budget.png, overlays/ "
+                   "(default: print the table only)")
     p.add_argument("--overlays", type=int, default=d.overlays,
                    help=f"kept-token overlay examples per configuration (ONNX engine; default {d.overlays})")
     p.add_argument("--threads", type=int, default=d.threads, help="intra-op threads (0: library default)")

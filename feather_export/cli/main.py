@@ -15,15 +15,21 @@ EXIT_USER_ERROR = 2
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="feather", help="none | feather | fastv | fastervlm")
+    p.add_argument("--method", default="feather", choices=["none", "feather", "fastv", "fastervlm"],
+                   help="pruning method")
     p.add_argument("--budget", type=int, help="image tokens kept by the first stage "
                    "(default: a quarter of the image tokens, 144 on LLaVA-1.5)")
-    p.add_argument("--schedule", help="LAYER:COUNT,... e.g. 8:144,16:13 (overrides layers/counts)")
-    p.add_argument("--stride", type=int, help="FEATHER grid stride (default: smallest s>=3 with "
-                   "|grid| <= budget/2; 0 disables the grid)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--max-text-tokens", type=int, default=512, help="prompt text bound")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="generation bound")
+    p.add_argument("--schedule", help="LAYER:COUNT,... e.g. 8:144,16:13, overrides the method's "
+                   "layers and counts (default: the method's schedule for this model)")
+    p.add_argument("--stride", type=int, help="FEATHER grid stride; 0 disables the grid (default: "
+                   "the smallest s >= 3 with |grid| <= budget/2)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="activations and float weights (bf16: TensorRT engines only; the runtime "
+                        "runs fp32 and fp16 artifacts)")
+    p.add_argument("--max-text-tokens", type=int, default=512,
+                   help="longest prompt text the artifact accepts (sizes the KV caches)")
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="most tokens one generation may produce (sizes the KV caches)")
     p.add_argument("--trt-plugin-only", action="store_true",
                    help="drop the selection op's ONNX function body (TensorRT must load the plugin)")
     p.add_argument("--out", required=True, help="artifact directory to write")
@@ -47,7 +53,8 @@ def cmd_make_tiny(args) -> int:
 def cmd_export(args) -> int:
     from feather_export.export.artifact import export
 
-    export(args.model, args.out, _export_options(args))
+    out = export(args.model, args.out, _export_options(args), progress=_progress)
+    print(f"wrote {out}: {_summary(out)}")
     return 0
 
 
@@ -62,28 +69,43 @@ def cmd_build(args) -> int:
         raise FeatherError(f"{', '.join(engine_flags)} only apply to --backend tensorrt")
     if args.backend == "tensorrt":
         _require_tensorrt()
-    out = export(args.model, args.out, _export_options(args))
+    out = export(args.model, args.out, _export_options(args), progress=_progress)
     if args.backend == "tensorrt":
         _build_engines(out, args)
+        print(f"built {out}: {_summary(out)}, with TensorRT engines in {out}/engines")
     else:
-        print(f"built {out} for ONNX Runtime (no TensorRT engines: TensorRT is not installed; "
-              "use --backend tensorrt on a machine with TensorRT)")
+        print(f"built {out}: {_summary(out)}, for ONNX Runtime (no TensorRT engines: TensorRT is "
+              "not installed here; use --backend tensorrt on a machine with TensorRT)")
     return 0
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _summary(out) -> str:
+    """One line's worth about an artifact: segments, method, budget, dtype."""
+    from feather_runtime.manifest import load_manifest
+
+    m = load_manifest(out, verify=False)
+    keeps = [str(stage["keep"]) for stage in m["prune"]["stages"]]
+    kept = (f" keeping {' -> '.join(keeps)} of {m['model']['num_image_tokens']} image tokens"
+            if keeps else "")
+    return f"{len(m.segments)} segments, {m['prune']['method']}{kept}, {m['dtype']}"
 
 
 def cmd_build_engines(args) -> int:
     _require_tensorrt()
     _build_engines(args.artifact, args)
+    print(f"built TensorRT engines in {args.artifact}/engines")
     return 0
 
 
 def _build_engines(artifact, args) -> None:
     from feather_export.tensorrt.build import build_engines
 
-    build_engines(artifact, args.precision, args.plugin, args.timing_cache,
-                  progress=lambda m: print(m, file=sys.stderr, flush=True),
+    build_engines(artifact, args.precision, args.plugin, args.timing_cache, progress=_progress,
                   workspace_mib=args.workspace, reuse_from=args.reuse_engines or ())
-    print(f"built TensorRT engines in {artifact}/engines")
 
 
 def _require_tensorrt() -> None:
@@ -94,15 +116,19 @@ def _require_tensorrt() -> None:
                            "an NVIDIA machine, or JetPack on Jetson); it is not installed here") from None
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+def _engine_args(p: argparse.ArgumentParser, title: str) -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="engine precision (default: the artifact's --dtype, strongly typed; fp16/bf16 "
                         "on an fp32 artifact lets TensorRT pick reduced-precision tactics)")
-    p.add_argument("--plugin", help="libfeather_plugin.so (needed with --trt-plugin-only)")
-    p.add_argument("--timing-cache", help="tactic timing cache (default: OUT/engines/timing.cache)")
-    p.add_argument("--workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
-    p.add_argument("--reuse-engines", action="append", metavar="ARTIFACT",
-                   help="reuse engines with the same key from another artifact (repeatable)")
+    g.add_argument("--plugin", help="libfeather_plugin.so (needed with --trt-plugin-only; default: "
+                   "none, the selection runs as the op's ONNX function body)")
+    g.add_argument("--timing-cache", help="tactic timing cache (default: OUT/engines/timing.cache)")
+    g.add_argument("--workspace", type=int, metavar="MIB",
+                   help="builder workspace limit in MiB (default: TensorRT's, the device memory)")
+    g.add_argument("--reuse-engines", action="append", metavar="ARTIFACT",
+                   help="reuse engines with the same key from another artifact (repeatable; "
+                        "default: none)")
 
 
 def cmd_run(args) -> int:
@@ -112,7 +138,8 @@ def cmd_run(args) -> int:
         _check_overlay_path(args.overlay)
     pipe = Pipeline.load(args.artifact, backend=args.backend)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or (),
+                  ignore_eos=args.ignore_eos)
     if args.json or args.overlay:
         res = pipe.generate(image=args.image, prompt=args.prompt, **kwargs)
     if args.overlay:
@@ -194,25 +221,27 @@ def cmd_reference(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from feather_export import __version__
 
-    parser = argparse.ArgumentParser(prog="feather-export", description=(
+    parser = Parser(prog="feather-export", description=(
         "Export LLaVA checkpoints into pruned ONNX segments (FEATHER, FastV, FasterVLM) and run them."))
     parser.add_argument("--version", action="version", version=f"feather-export {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("build", help="export + engines for a fixed budget (the main job)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint directory, or a built-in name: tiny-shapes (trained), tiny, tiny-gqa "
                         f"(random weights), shape-llava-1b, shape-llava-1.5-7b, shape-llava-1.5-13b "
                         f"(random weights, real shapes) (default: {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime: the ONNX artifact only; tensorrt: also build TensorRT engines "
+                        "on this machine")
     _prune_args(p)
-    _engine_args(p)
+    _engine_args(p, "TensorRT engines (only with --backend tensorrt)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("build-engines", help="TensorRT engines for an existing artifact (build them "
                        "on the device that runs them, e.g. a Jetson)")
-    p.add_argument("artifact")
-    _engine_args(p)
+    p.add_argument("artifact", help="artifact directory (from build or export)")
+    _engine_args(p, "TensorRT engines")
     p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("export", help="write the ONNX segments and manifest")
@@ -221,45 +250,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="answer a question about an image with a built artifact")
-    p.add_argument("artifact")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--backend", help="onnxruntime (default), onnxruntime-cpu, onnxruntime-cuda, "
-                   "tensorrt")
+    p.add_argument("artifact", help="artifact directory (from build or export)")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--prompt", required=True, help="the question about the image")
+    p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: 64, or the "
+                   "artifact's --max-new-tokens if smaller)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --max-new-tokens tokens, past end-of-sequence")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens with this total probability")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random; greedy ignores it)")
+    p.add_argument("--stop", action="append",
+                   help="stop string, not included in the answer (repeatable; default: none)")
+    p.add_argument("--backend", help="onnxruntime, onnxruntime-cpu, onnxruntime-cuda, tensorrt "
+                   "(default: onnxruntime, on CUDA when onnxruntime-gpu is installed)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--overlay", metavar="PNG", help="also draw the kept image patches of every pruning "
-                   "stage over the input image into this PNG")
+                   "stage over the input image into this PNG (default: none)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="TensorRT 10.3 compatibility lint of an artifact")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="artifact directory")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("validate", help="each segment in ONNX Runtime vs the PyTorch modules")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="artifact directory")
     p.add_argument("--model", help="the source checkpoint (default: the one in the manifest)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("make-tiny", help="write a tiny LLaVA checkpoint directory")
     p.add_argument("name", help="tiny | tiny-gqa")
-    p.add_argument("out")
+    p.add_argument("out", help="checkpoint directory to write (absent or empty)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("reference", help="run the PyTorch reference on a checkpoint directory")
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--method", default="feather")
-    p.add_argument("--budget", type=int)
-    p.add_argument("--schedule")
-    p.add_argument("--stride", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question about the image")
+    p.add_argument("--method", default="feather", choices=["none", "feather", "fastv", "fastervlm"],
+                   help="pruning method")
+    p.add_argument("--budget", type=int, help="image tokens kept by the first stage (default: a "
+                   "quarter of the image tokens)")
+    p.add_argument("--schedule", help="LAYER:COUNT,... (default: the method's schedule)")
+    p.add_argument("--stride", type=int, help="FEATHER grid stride; 0 disables the grid (default: "
+                   "the smallest s >= 3 with |grid| <= budget/2)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
     p.set_defaults(func=cmd_reference)
 
     from feather_export.cli.bench import add_bench_parser
@@ -268,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_eval_parser(sub)
     return parser
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = (action.option_strings and default is not None and default is not False
+                 and default != argparse.SUPPRESS)
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Export a LLaVA checkpoint into an artifact directory of ONNX segments (DESIGN §2-§3).
+"""Export a LLaVA checkpoint into an artifact directory of ONNX segments (docs/design.md §2-§3).
 
 Everything is written into a temporary sibling directory and moved into place at the end, with the
 manifest written last, so a failed or interrupted export leaves nothing that looks complete.
@@ -138,7 +138,6 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"wrote {out} ({len(plan)} segments, method {cfg.method}, budget {cfg.budget})")
     return out
 
 

@@ -1,4 +1,4 @@
-"""The pruning setup: one frozen, validated object parsed from CLI-style strings (DESIGN §4).
+"""The pruning setup: one frozen, validated object parsed from CLI-style strings (docs/design.md §4).
 
 ``PruneConfig.create(method, geometry, budget=..., schedule="8:144,16:13", stride=...)`` resolves the
 user's options against the model's geometry into concrete stages, or raises ``FeatherError`` saying
@@ -40,7 +40,7 @@ def grid_size(side: int, stride: int) -> int:
 
 
 def default_grid_stride(side: int, budget: int) -> int:
-    """The smallest stride s >= 3 with |G| <= budget / 2 (DESIGN §4); 0 if none exists."""
+    """The smallest stride s >= 3 with |G| <= budget / 2 (docs/design.md §4); 0 if none exists."""
     for stride in range(MIN_GRID_STRIDE, side + 1):
         if 2 * grid_size(side, stride) <= budget:
             return stride
@@ -99,7 +99,7 @@ class PruneConfig:
         """Validate the user's options against the model and resolve the stages."""
         method = (method or "").lower()
         if method == "btp":
-            raise FeatherError("--method btp is specified in DESIGN §4 but not implemented yet; "
+            raise FeatherError("--method btp is specified in docs/design.md §4 but not implemented yet; "
                                f"choose one of {', '.join(METHODS)}")
         if method not in METHODS:
             raise FeatherError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")

@@ -1,4 +1,4 @@
-"""PyTorch reference of the pruning methods (DESIGN §3-§4): the oracle exported engines are tested against.
+"""PyTorch reference of the pruning methods (docs/design.md §3-§4): the oracle exported engines are tested against.
 
 Batch 1, greedy decoding with a KV cache, run through transformers' own layer modules. Layers after a
 prune point cache only the kept tokens; kept tokens keep their original positions (FasterVLM: the
@@ -65,7 +65,7 @@ def _causal_mask(length: int, dtype):
 def reference_generate(model, pixel_values, input_ids, method: str = "none", budget=None,
                        schedule=None, stride=None, max_new_tokens: int = 16,
                        config: PruneConfig | None = None) -> ReferenceResult:
-    """Greedy generation with pruning as DESIGN §4 specifies.
+    """Greedy generation with pruning as docs/design.md §4 specifies.
 
     ``pixel_values``: float [1, 3, H, W]; ``input_ids``: int [1, T] with the image token expanded
     to N copies. Returns generated token ids and the kept original image indices per stage.

@@ -1,4 +1,4 @@
-"""Pruning scores of DESIGN §4 computed with the model's own torch modules, in fp32.
+"""Pruning scores of docs/design.md §4 computed with the model's own torch modules, in fp32.
 
 Each function returns a float32 tensor of shape [n] with one score per current image token.
 """

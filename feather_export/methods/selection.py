@@ -1,4 +1,4 @@
-"""Token selection rules of DESIGN §4 in numpy: the oracle for the ONNX op and the CUDA kernel."""
+"""Token selection rules of docs/design.md §4 in numpy: the oracle for the ONNX op and the CUDA kernel."""
 from __future__ import annotations
 
 import numpy as np

@@ -6,7 +6,7 @@ Outputs: kept i64 [B] (indices into the current image set, ascending);
 Attributes: budget (B), num_image_tokens (N), grid_side, grid_stride (0 = no forced grid),
             criterion (informational), plugin_namespace / plugin_version (for TensorRT >= 10.7).
 
-Semantics (DESIGN §4): grid tokens are always kept; the rest of the budget goes to the top-scoring
+Semantics (docs/design.md §4): grid tokens are always kept; the rest of the budget goes to the top-scoring
 non-grid tokens, ties to the lower index (ONNX TopK's documented tie rule; NaN scores are
 outside the contract: the CUDA kernel ranks them last, ONNX TopK leaves them unspecified); the image rows of
 ``hidden`` are replaced by the kept rows in ascending order, text rows are untouched.

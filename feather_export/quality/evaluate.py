@@ -471,7 +471,7 @@ def image_tokens_per_layer(config: EvalConfig, geometry) -> list[int]:
 
 def relative_prefill_flops(counts: Sequence[int], num_image_tokens: int, text_tokens: int,
                            hidden: int, ffn: int) -> float:
-    """Decoder prefill FLOPs (DESIGN §5) relative to keeping every image token in every layer."""
+    """Decoder prefill FLOPs (docs/design.md §5) relative to keeping every image token in every layer."""
     def flops(n: int) -> float:
         return 2 * n * (4 * hidden ** 2 + 3 * hidden * ffn) + 2 * n * n * hidden
 

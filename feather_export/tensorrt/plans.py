@@ -3,7 +3,7 @@
 
 Pure Python: nothing here imports tensorrt, so every rule below is unit-tested on CPU machines.
 
-Profiles (DESIGN §2-§3: one engine per segment, prefill and decode share the weights):
+Profiles (docs/design.md §2-§3: one engine per segment, prefill and decode share the weights):
 
 * ``embed``: profile 0 "prefill" ``seq`` = N .. N + T (the prompt's input_ids hold N image
   placeholders plus up to T text tokens), profile 1 "decode" ``seq`` = 1.
