@@ -222,3 +222,31 @@ def test_family_checkpoint_directory_exports_and_runs(mistral_dir, family_models
     pixels, ids = tiny_inputs(model, 4)
     got = Pipeline.load(out).generate_ids(pixels, ids, max_new_tokens=6)
     assert got.token_ids == hf_generate(model, pixels, ids, 6)
+
+
+def test_processor_that_does_not_fit_the_tower_refused(mistral_dir, tmp_path):
+    import shutil
+
+    from feather_export.models.checkpoint import check_checkpoint_dir
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mistral_dir, ckpt)
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor"}))
+    with pytest.raises(FeatherError, match="'SiglipImageProcessor' does not prepare a clip"):
+        check_checkpoint_dir(ckpt)
+
+
+def test_interleave_qwen_shape_model_has_the_published_geometry():
+    """Config only (no weights): the benchmark's shape model is what the exporter accepts."""
+    from feather_export.models.shapes import shape_llava_config
+
+    config = shape_llava_config("shape-llava-interleave-qwen-0.5b")
+    text, vision = check_config(config, max_sequence=729 + 512 + 512)
+    geo = geometry_of(config)
+    assert (geo.num_layers, geo.num_image_tokens, geo.grid_side) == (24, 729, 27)
+    assert (text.family, text.qkv_bias, text.tied_embeddings) == ("qwen2", True, True)
+    assert (vision.family, vision.feature_layers, vision.cls_token) == ("siglip_vision_model", (26,), False)
+    assert (config.text_config.hidden_size, config.text_config.intermediate_size,
+            config.vision_config.hidden_size, config.vision_config.intermediate_size) == \
+        (1024, 2816, 1152, 4304)
