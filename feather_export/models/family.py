@@ -104,19 +104,20 @@ class VisionSpec:
         return max(self.feature_layers)
 
 
-def _model_type(sub, default: str) -> str:
-    return _get(sub, "model_type", default) if sub is not None else default
+def _family(config, key: str, default: str, table: dict, what: str):
+    """(sub-config, its model_type, its family) for ``config[key]``; refuses unknown types."""
+    sub = _get(config, key) or {}
+    kind = _get(sub, "model_type", default)
+    if kind not in table:
+        raise FeatherError(f"{what} model {kind!r} is not supported (supported: "
+                           f"{', '.join(table)})")
+    return sub, kind, table[kind]
 
 
 def text_spec(config) -> TextSpec:
     """The spec of the text model of a ``LlavaConfig`` (or its config.json dict); refuses what
     the exporter does not reproduce exactly."""
-    text = _get(config, "text_config") or {}
-    kind = _model_type(text, "llama")
-    family = TEXT_FAMILIES.get(kind)
-    if family is None:
-        raise FeatherError(f"text model {kind!r} is not supported (supported: "
-                           f"{', '.join(TEXT_FAMILIES)})")
+    text, kind, family = _family(config, "text_config", "llama", TEXT_FAMILIES, "text")
     rope = _get(text, "rope_parameters") or _get(text, "rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
     if rope_type not in ROPE_TYPES:
@@ -141,12 +142,8 @@ def text_spec(config) -> TextSpec:
 
 def vision_spec(config) -> VisionSpec:
     """The spec of the vision tower and feature selection of a ``LlavaConfig`` (or dict)."""
-    vision = _get(config, "vision_config") or {}
-    kind = _model_type(vision, "clip_vision_model")
-    family = VISION_FAMILIES.get(kind)
-    if family is None:
-        raise FeatherError(f"vision model {kind!r} is not supported (supported: "
-                           f"{', '.join(VISION_FAMILIES)})")
+    vision, kind, family = _family(config, "vision_config", "clip_vision_model",
+                                   VISION_FAMILIES, "vision")
     strategy = _get(config, "vision_feature_select_strategy", "default")
     if strategy not in FEATURE_STRATEGIES:
         raise FeatherError(f"vision_feature_select_strategy {strategy!r} is not supported "
