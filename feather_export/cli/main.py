@@ -311,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     from feather_export.cli.bench import add_bench_parser
     from feather_export.cli.calibrate import add_calibrate_parser
     from feather_export.cli.eval import add_eval_parser
+    from feather_export.cli.serve import add_serve_parser
 
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_calibrate_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
