@@ -8,6 +8,8 @@ deletes the multi-GB artifacts unless --keep-artifacts.
 
     python benchmarks/cpu_1b.py                      # none vs FEATHER@144 (~15 min on 2 cores)
     python benchmarks/cpu_1b.py --methods feather,fastv --results benchmarks/results/cpu_1b_fastv
+    python benchmarks/cpu_1b.py --model shape-llava-interleave-qwen-0.5b --budget 182 \
+        --results benchmarks/results/cpu_interleave_qwen_0.5b     # Qwen2 + SigLIP geometry
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -29,6 +31,8 @@ GIB = 2 ** 30
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=MODEL,
+                   help="shape model to build (feather_export.models.shapes.SHAPE_MODELS)")
     p.add_argument("--methods", default="feather",
                    help="pruning methods to compare with none (feather,fastv,fastervlm)")
     p.add_argument("--weights", default="float",
@@ -56,22 +60,23 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _artifact_gib(weights: str = "float") -> float:
+def _artifact_gib(model: str, weights: str = "float") -> float:
     from feather_export.bench.perf_model import WeightFormat, shape_from_config, span_cost
     from feather_export.models.shapes import shape_llava_config
 
-    shape = shape_from_config(shape_llava_config(MODEL))
+    shape = shape_from_config(shape_llava_config(model))
     llm = shape.llm
     decoder = span_cost(llm, llm.layers, 0, 0, True, 4, weights=WeightFormat(weights)).bytes
     return (decoder + llm.vocab * llm.hidden * 4 + shape.vision.params() * 4) / GIB
 
 
-def check_resources(work: Path, to_export: int, loaded: int, size: float | None = None) -> None:
+def check_resources(model: str, work: Path, to_export: int, loaded: int,
+                    size: float | None = None) -> None:
     """Disk for the artifacts still to export; memory for all of them loaded side by side
     (``size``: the mean GiB of one artifact; default fp32)."""
     from feather_runtime import FeatherError
 
-    size = size or _artifact_gib()
+    size = size or _artifact_gib(model)
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free / GIB
     if free < size * to_export * 1.1 + 2:
@@ -121,10 +126,10 @@ def main(argv=None) -> int:
                 if not (args.reuse_artifacts and (out / "feather.json").is_file())]
         if len(todo) < len(jobs):
             say(f"reusing {len(jobs) - len(todo)} artifact(s) in {work}")
-        sizes = [_artifact_gib(o.weights) for _, o in jobs]
-        check_resources(work, len(todo), len(jobs), sum(sizes) / len(sizes))
+        sizes = [_artifact_gib(args.model, o.weights) for _, o in jobs]
+        check_resources(args.model, work, len(todo), len(jobs), sum(sizes) / len(sizes))
         if todo:
-            export_shape_artifacts(MODEL, todo, progress=say)
+            export_shape_artifacts(args.model, todo, progress=say)
         paths = [out for out, _ in jobs]
         export_s = time.perf_counter() - t0
         gc.collect()
@@ -177,8 +182,8 @@ def run_profiles(paths, report, out_dir: Path) -> dict:
     pixels = np.random.default_rng(report["options"]["seed"]).standard_normal(
         (1, 3, size, size), dtype=np.float32)
     ids = PromptBuilder.from_dir(Path(paths[0]) / "tokenizer").build(
-        report["options"]["prompt"], report["shape"]["vision"]["image_size"] ** 2
-        // report["shape"]["vision"]["patch_size"] ** 2)
+        report["options"]["prompt"], (report["shape"]["vision"]["image_size"]
+                                      // report["shape"]["vision"]["patch_size"]) ** 2)
     out = {}
     for path, target in zip(paths, report["targets"]):
         say(f"profiling one prefill of {target['label']}")

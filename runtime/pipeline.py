@@ -158,10 +158,11 @@ class Pipeline:
 
     @property
     def prompt_builder(self):
-        from .prompt import PromptBuilder
+        from .prompt import PromptBuilder, PromptTemplate
 
         if self._prompt is None:
-            self._prompt = PromptBuilder.from_dir(self.manifest.root / "tokenizer")
+            self._prompt = PromptBuilder.from_dir(self.manifest.root / "tokenizer",
+                                                  PromptTemplate.from_dict(self.manifest.data.get("prompt")))
         return self._prompt
 
     def encode(self, image, prompt: str):

@@ -1,7 +1,11 @@
-"""Image preprocessing equal to transformers' CLIPImageProcessor (PIL backend), using Pillow + numpy.
+"""Image preprocessing equal to transformers' CLIP and SigLIP image processors (PIL backend),
+using Pillow + numpy.
 
-Steps, as in LLaVA-1.5's preprocessor_config.json: convert to RGB (transparency composited on
-white), resize the shortest edge (bicubic, on uint8), center crop, rescale by 1/255, normalize.
+CLIP (LLaVA-1.5's preprocessor_config.json): convert to RGB (transparency composited on white),
+resize the shortest edge (bicubic, on uint8), center crop, rescale by 1/255, normalize with CLIP's
+mean/std. SigLIP (llava-interleave): the same steps without the crop, a resize to exactly
+height x width, mean/std 0.5. Each processor type has its own defaults for keys the config omits
+(``PROCESSOR_DEFAULTS``, taken from transformers' classes).
 """
 from __future__ import annotations
 
@@ -19,7 +23,21 @@ from .errors import FeatherError
 CONFIG_NAME = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_SUPPORTED_TYPES = {"CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast"}
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+_CLIP_DEFAULTS = {"size": {"shortest_edge": 224}, "do_center_crop": True,
+                  "crop_size": {"height": 224, "width": 224}, "image_mean": CLIP_MEAN,
+                  "image_std": CLIP_STD, "resample": 3}
+_SIGLIP_DEFAULTS = {"size": {"height": 224, "width": 224}, "do_center_crop": False,
+                    "crop_size": {"height": 224, "width": 224}, "image_mean": SIGLIP_MEAN,
+                    "image_std": SIGLIP_STD, "resample": 3}
+# image_processor_type -> defaults of the keys a config may omit (transformers' class attributes)
+PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    **{name: _CLIP_DEFAULTS for name in
+       ("CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast")},
+    **{name: _SIGLIP_DEFAULTS for name in
+       ("SiglipImageProcessor", "SiglipImageProcessorPil", "SiglipImageProcessorFast")},
+}
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -112,25 +130,29 @@ def _parse_triple(value: Any, what: str) -> np.ndarray:
 
 
 class ImagePreprocessor:
-    """CLIPImageProcessor-equivalent preprocessing; call it on an image to get float32 [1, 3, H, W]."""
+    """CLIP/SigLIP image-processor-equivalent preprocessing; call it on an image to get float32
+    [1, 3, H, W]."""
 
     def __init__(self, config: dict[str, Any]):
         if not isinstance(config, dict):
             raise FeatherError(f"preprocessor config must be a JSON object, got {type(config).__name__}")
         kind = config.get("image_processor_type", "CLIPImageProcessor")
-        if kind not in _SUPPORTED_TYPES:
-            raise FeatherError(f"unsupported image_processor_type {kind!r}; only CLIPImageProcessor (LLaVA-1.5) is supported")
+        if kind not in PROCESSOR_DEFAULTS:
+            raise FeatherError(f"unsupported image_processor_type {kind!r}; CLIPImageProcessor (LLaVA-1.5) "
+                               "and SiglipImageProcessor (llava-interleave) are supported")
+        self.kind = kind
+        config = {**PROCESSOR_DEFAULTS[kind], **config}
         if config.get("do_pad"):
             raise FeatherError("preprocessor config: do_pad=true is not supported (LLaVA-1.5 CLIP preprocessing has no padding)")
         self.do_convert_rgb = bool(config.get("do_convert_rgb", True))
         self.do_resize = bool(config.get("do_resize", True))
-        self.size = _parse_size(config.get("size", {"shortest_edge": 224}), "size", square_int=False)
-        resample = config.get("resample", 3)
+        self.size = _parse_size(config["size"], "size", square_int=False)
+        resample = config["resample"]
         if isinstance(resample, bool) or resample not in [int(r) for r in Image.Resampling]:
             raise FeatherError(f"preprocessor config: resample must be a PIL resampling id 0..5, got {resample!r}")
         self.resample = Image.Resampling(resample)
-        self.do_center_crop = bool(config.get("do_center_crop", True))
-        self.crop_size = _parse_size(config.get("crop_size", {"height": 224, "width": 224}), "crop_size", square_int=True)
+        self.do_center_crop = bool(config["do_center_crop"])
+        self.crop_size = _parse_size(config["crop_size"], "crop_size", square_int=True)
         if "shortest_edge" in self.crop_size:
             raise FeatherError("preprocessor config: crop_size must be {'height': h, 'width': w}")
         self.do_rescale = bool(config.get("do_rescale", True))
@@ -139,8 +161,8 @@ class ImagePreprocessor:
             raise FeatherError(f"preprocessor config: rescale_factor must be a number, got {factor!r}")
         self.rescale_factor = float(factor)
         self.do_normalize = bool(config.get("do_normalize", True))
-        self.image_mean = _parse_triple(config.get("image_mean", CLIP_MEAN), "image_mean")
-        self.image_std = _parse_triple(config.get("image_std", CLIP_STD), "image_std")
+        self.image_mean = _parse_triple(config["image_mean"], "image_mean")
+        self.image_std = _parse_triple(config["image_std"], "image_std")
         if self.do_normalize and np.any(self.image_std == 0):
             raise FeatherError("preprocessor config: image_std must not contain 0")
 
@@ -217,25 +239,28 @@ def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return padded[:, max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
 
 
-def write_preprocessor_config(out_dir: Union[str, os.PathLike], image_size: int) -> pathlib.Path:
-    """Write a LLaVA-1.5-style preprocessor_config.json for square CLIP inputs of image_size; return its path."""
+def write_preprocessor_config(out_dir: Union[str, os.PathLike], image_size: int,
+                              processor: str = "CLIPImageProcessor") -> pathlib.Path:
+    """Write a preprocessor_config.json for square inputs of image_size; return its path.
+
+    ``CLIPImageProcessor``: LLaVA-1.5's (shortest edge, center crop, CLIP mean/std);
+    ``SiglipImageProcessor``: llava-interleave's (resize to image_size x image_size, mean/std 0.5).
+    """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise FeatherError(f"image_size must be a positive integer, got {image_size!r}")
-    config = {
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(CLIP_MEAN),
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": list(CLIP_STD),
-        "processor_class": "LlavaProcessor",
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": image_size},
-    }
+    common = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+              "image_processor_type": processor, "processor_class": "LlavaProcessor",
+              "resample": 3, "rescale_factor": 1 / 255}
+    if processor == "CLIPImageProcessor":
+        config = {**common, "crop_size": {"height": image_size, "width": image_size},
+                  "do_center_crop": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                  "size": {"shortest_edge": image_size}}
+    elif processor == "SiglipImageProcessor":
+        config = {**common, "image_mean": list(SIGLIP_MEAN), "image_std": list(SIGLIP_STD),
+                  "size": {"height": image_size, "width": image_size}}
+    else:
+        raise FeatherError(f"cannot write a preprocessor config for {processor!r}")
+    config = dict(sorted(config.items()))
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_NAME

@@ -72,9 +72,12 @@ def _copy(checkpoint, tmp_path, drop=(), config=None):
     ((), "{not json", "not valid JSON"),
     ((), "[1, 2]", "JSON object"),
     ((), json.dumps({"model_type": "llama"}), "only 'llava'"),
-    ((), json.dumps({"model_type": "llava", "text_config": {"model_type": "mistral"}}), "llama only"),
+    ((), json.dumps({"model_type": "llava", "text_config": {"model_type": "gemma"}}),
+     "text model 'gemma' is not supported \\(supported: llama, mistral, qwen2\\)"),
+    ((), json.dumps({"model_type": "llava", "vision_config": {"model_type": "dinov2"}}),
+     "vision model 'dinov2' is not supported"),
     ((), json.dumps({"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model"}}),
-     "CLIP only"),
+     "no CLS token.*use 'full'"),
     (("model.safetensors",), None, "no \\*.safetensors"),
     (("tokenizer.json",), None, "no tokenizer.json"),
     (("preprocessor_config.json",), None, "no preprocessor_config.json"),
@@ -108,6 +111,6 @@ def test_full_strategy_refused(tiny_models):
 
     config = copy.deepcopy(tiny_models["tiny"].config)
     config.vision_feature_select_strategy = "full"
-    with pytest.raises(FeatherError, match="default"):
+    with pytest.raises(FeatherError, match="CLS as an image token.*not supported yet"):
         geometry_of(config)
     assert set(TINY_MODELS) >= {"tiny", "tiny-gqa"}

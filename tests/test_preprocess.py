@@ -136,6 +136,45 @@ def test_written_config_loads_in_transformers(tmp_path, monkeypatch):
     assert ImagePreprocessor.from_dir(tmp_path).output_size == (224, 224)
 
 
+# ---- SigLIP (llava-interleave): resize to height x width, no crop, mean/std 0.5 -----------------
+
+@pytest.fixture(scope="module", params=[384, 192])
+def siglip_pair(request, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp(f"siglip{request.param}")
+    config = json.loads(write_preprocessor_config(out, request.param, "SiglipImageProcessor").read_text())
+    reference = transformers.SiglipImageProcessorPil(**config)
+    return ImagePreprocessor.from_dir(out), reference, request.param
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P-transparency", "CMYK", "I;16", "1"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_siglip_image_processor(siglip_pair, mode, size):
+    ours, reference, image_size = siglip_pair
+    image = make_image(mode, *size, seed=size[0] * 5 + size[1])
+    pixels = ours(image)
+    assert pixels.shape == (1, 3, image_size, image_size)       # squashed, not cropped
+    assert_close(pixels, reference_pixels(reference, image))
+
+
+def test_siglip_defaults_are_transformers_defaults(tmp_path, monkeypatch):
+    """A minimal SigLIP config (only the type): our defaults equal the class's, through
+    AutoImageProcessor as a checkpoint directory would load it."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = {"image_processor_type": "SiglipImageProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    reference = transformers.SiglipImageProcessorPil(**config)
+    ours = ImagePreprocessor.from_dir(tmp_path)
+    assert ours.output_size == (224, 224)
+    for size in [(300, 200), (50, 500)]:
+        image = make_image("RGB", *size)
+        assert_close(ours(image), reference_pixels(reference, image))
+    auto = transformers.AutoImageProcessor.from_pretrained(str(tmp_path))   # PIL backend here
+    image = make_image("RGBA", 97, 211)
+    assert_close(ours(image), reference_pixels(auto, image))
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 def test_unreadable_images_raise_feather_error(tmp_path):
@@ -182,7 +221,7 @@ def test_missing_or_malformed_config_raises(tmp_path):
 @pytest.mark.parametrize("config", [
     {"size": {"longest_edge": 3}}, {"size": -1}, {"crop_size": {"height": 0, "width": 3}},
     {"image_mean": [0.5, 0.5]}, {"image_std": [0.5, 0.0, 0.5]}, {"resample": 9},
-    {"image_processor_type": "SiglipImageProcessor"}, {"do_pad": True}, {"rescale_factor": "x"},
+    {"image_processor_type": "LlavaNextImageProcessor"}, {"do_pad": True}, {"rescale_factor": "x"},
 ])
 def test_bad_config_values_raise(config):
     with pytest.raises(FeatherError, match="preprocessor config|unsupported"):

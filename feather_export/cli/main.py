@@ -244,9 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="export + engines for a fixed budget (the main job)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint directory, or a built-in name: tiny-shapes (trained), tiny, tiny-gqa "
-                        f"(random weights), shape-llava-1b, shape-llava-1.5-7b, shape-llava-1.5-13b "
-                        f"(random weights, real shapes) (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint directory, or a built-in name: tiny-shapes (trained), tiny, tiny-gqa, "
+                        f"tiny-mistral, tiny-qwen2-siglip, tiny-llama-siglip (random weights), "
+                        f"shape-llava-1b, shape-llava-1.5-7b, shape-llava-1.5-13b, "
+                        f"shape-llava-interleave-qwen-0.5b (random weights, real shapes) "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="onnxruntime: the ONNX artifact only; tensorrt: also build TensorRT engines "
                         "on this machine")
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("make-tiny", help="write a tiny LLaVA checkpoint directory")
-    p.add_argument("name", help="tiny | tiny-gqa")
+    p.add_argument("name", help="tiny | tiny-gqa | tiny-mistral | tiny-qwen2-siglip | tiny-llama-siglip")
     p.add_argument("out", help="checkpoint directory to write (absent or empty)")
     p.set_defaults(func=cmd_make_tiny)
 

@@ -83,13 +83,19 @@ def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
     return plan
 
 
-def check_export(options: ExportOptions, geo, out: Path) -> PruneConfig:
-    """Refuse bad options and output directories before any weight is loaded."""
+def check_export(options: ExportOptions, geo, out: Path, config=None) -> PruneConfig:
+    """Refuse bad options and output directories before any weight is loaded (``config``: the
+    model's ``LlavaConfig``, checked against the artifact's longest sequence)."""
+    from feather_export.models.family import check_config
+
     if options.dtype not in DTYPES:
         raise FeatherError(f"--dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     if options.max_text_tokens < 1 or options.max_new_tokens < 1:
         raise FeatherError("--max-text-tokens and --max-new-tokens must be at least 1")
     _check_weights(options)
+    if config is not None:
+        check_config(config, max_sequence=geo.num_image_tokens + options.max_text_tokens
+                     + options.max_new_tokens)
     _check_output_dir(out)
     return PruneConfig.create(options.method, geo, budget=options.budget,
                               schedule=options.schedule, stride=options.stride,
@@ -104,7 +110,15 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out_dir)
-    cfg = check_export(options, geometry_of(load_config(model_spec)), out)
+    from feather_export.models.chat import prompt_template
+    from feather_export.models.checkpoint import checkpoint_path
+    from feather_export.models.shapes import SHAPE_MODELS
+    from feather_export.models.tiny import TINY_MODELS
+
+    config = load_config(model_spec)
+    cfg = check_export(options, geometry_of(config), out, config)
+    built_in = str(model_spec) in TINY_MODELS or str(model_spec) in SHAPE_MODELS
+    prompt_template(None if built_in else checkpoint_path(model_spec), str(model_spec))
     say(f"loading model {model_spec}")
     model, source = resolve_model(model_spec)
     return export_model(model, str(model_spec), source, out, options, cfg, say)
@@ -115,8 +129,10 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
     """Write the artifact of an already loaded model (``cfg`` from ``check_export``).
 
     ``source`` is the checkpoint directory (tokenizer and preprocessor are copied from it), or
-    None for built-in models (the tiny tokenizer and a CLIP preprocessor config are written).
+    None for built-in models (the tiny tokenizer and the tower's preprocessor config are written).
+    The manifest stores the rendered chat template (``models.chat``).
     """
+    from feather_export.models.chat import prompt_template
     from feather_export.models.geometry import geometry_of
 
     geo = geometry_of(model.config)
@@ -133,8 +149,9 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
             segments.append(_save_segment(tmp, seg, onnx_model))
             opset = max(opset, onnx_model.opset_import[0].version)
             del onnx_model                       # large models: free each graph once saved
-        files = _copy_inputs(model.config.vision_config.image_size, source, tmp)
+        files = _copy_inputs(model.config, source, tmp)
         manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files, opset)
+        manifest["prompt"] = prompt_template(source, model_id).to_dict()
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:
@@ -234,20 +251,22 @@ def _save_segment(root: Path, seg: SegmentPlan, onnx_model) -> Segment:
                    seg.layers, seg.stage, data_files)
 
 
-def _copy_inputs(image_size: int, source: Path | None, tmp: Path) -> list[dict]:
+def _copy_inputs(config, source: Path | None, tmp: Path) -> list[dict]:
     """Tokenizer and preprocessor config, so the artifact runs with nothing else.
 
-    Built-in models (``source`` None) get the tiny tokenizer and a CLIP preprocessor config.
+    Built-in models (``source`` None) get the tiny tokenizer and their tower's preprocessor config.
     """
     from feather_runtime.preprocess import write_preprocessor_config
 
+    from feather_export.models.family import vision_spec
     from feather_export.models.tokenizer import save_tiny_tokenizer
 
     tok_dir = tmp / "tokenizer"
     tok_dir.mkdir()
     if source is None:
         save_tiny_tokenizer(tok_dir)
-        write_preprocessor_config(tmp, image_size)
+        write_preprocessor_config(tmp, config.vision_config.image_size,
+                                  vision_spec(config).processors[0])
     else:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():

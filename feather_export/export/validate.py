@@ -135,11 +135,10 @@ def _vision_case(model, manifest, rng):
     import torch
 
     from feather_export.methods.reference import vision_features
-    from feather_export.methods.scoring import cls_attention_scores
 
     size = manifest["model"]["image_size"]
     pixels = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-    features, scores = vision_features(model, torch.from_numpy(pixels), cls_attention_scores)
+    features, scores = vision_features(model, torch.from_numpy(pixels))
     return {"pixel_values": pixels}, {"image_features": features.numpy(), "cls_scores": scores.numpy()}
 
 

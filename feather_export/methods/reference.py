@@ -78,8 +78,7 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
     import torch
     from transformers import DynamicCache
 
-    from feather_export.methods.scoring import (btp_logits, cls_attention_scores, fastv_scores,
-                                                feather_scores)
+    from feather_export.methods.scoring import btp_logits, fastv_scores, feather_scores
 
     cfg = resolve_prune_config(model, method, budget, schedule, stride, config, btp_lambda)
     geo = geometry_of(model.config)
@@ -91,7 +90,7 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
     original = np.arange(geo.num_image_tokens)
 
     with torch.no_grad():
-        features, cls_scores = vision_features(model, pixel_values, cls_attention_scores)
+        features, cls_scores = vision_features(model, pixel_values)
         hidden = lm.embed_tokens(input_ids)
         hidden = torch.cat([hidden[:, :start], features.to(hidden.dtype),
                             hidden[:, start + geo.num_image_tokens:]], dim=1)
@@ -150,21 +149,20 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
     return result
 
 
-def vision_features(model, pixel_values, cls_attention_scores):
-    """Projected image features [1, N, d] and FasterVLM's CLS scores [N] (transformers' own path)."""
-    vt = model.model.vision_tower
-    out = vt(pixel_values, output_hidden_states=True, return_dict=True)
-    layer = model.config.vision_feature_layer
-    feature_index = layer % len(out.hidden_states)
-    features = model.model.multi_modal_projector(out.hidden_states[feature_index][:, 1:])
-    clip_layers = _clip_layers(vt)
-    scores = cls_attention_scores(clip_layers[feature_index - 1], out.hidden_states[feature_index - 1])
+def vision_features(model, pixel_values):
+    """Projected image features [1, N, d] by transformers' own ``get_image_features`` (feature
+    layers concatenated, CLS dropped per strategy), and FasterVLM's scores [N] in the deepest
+    feature layer (``models.family`` says whether the tower has a CLS token)."""
+    from feather_export.methods.scoring import fastervlm_scores
+    from feather_export.models.family import vision_encoder, vision_spec
+
+    spec = vision_spec(model.config)
+    out = model.model.get_image_features(pixel_values, output_hidden_states=True,
+                                         return_dict=True)
+    features = out.pooler_output[0][None]
+    layer = vision_encoder(model).encoder.layers[spec.run_layers - 1]
+    scores = fastervlm_scores(layer, out.hidden_states[spec.run_layers - 1], spec.cls_token)
     return features, scores
-
-
-def _clip_layers(vision_tower):
-    model = getattr(vision_tower, "vision_model", vision_tower)
-    return model.encoder.layers
 
 
 def run_layer(layer, rotary, hidden, positions, cache, mask):

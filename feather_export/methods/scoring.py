@@ -81,10 +81,18 @@ def score_inputs(layer, rotary, hidden_in, position_ids, criterion: str):
     return q.transpose(0, 1)[None], k[None]
 
 
-def cls_attention_scores(clip_layer, hidden_in):
-    """FasterVLM: CLS-query attention in a CLIP layer over CLS + patches, patch columns only."""
-    attn = clip_layer.self_attn
-    x = clip_layer.layer_norm1(hidden_in.float())[0]            # [1 + N, d]
-    q = _heads(attn.q_proj(x[:1]), attn.num_heads)
+def fastervlm_scores(vision_layer, hidden_in, cls_token: bool):
+    """FasterVLM in a vision layer (DESIGN §4). With a CLS token (CLIP): the CLS query's attention
+    over CLS + patches, patch columns only. Without (SigLIP): the attention each patch receives,
+    mean over heads and over all queries."""
+    attn = vision_layer.self_attn
+    x = vision_layer.layer_norm1(hidden_in.float())[0]          # [T, d]
     k = _heads(attn.k_proj(x), attn.num_heads)
-    return _mean_head_probs(q, k, 1)[1:]
+    if cls_token:
+        q = _heads(attn.q_proj(x[:1]), attn.num_heads)
+        return _mean_head_probs(q, k, 1)[1:]
+    import torch
+
+    q = _heads(attn.q_proj(x), attn.num_heads)                  # [H, T, hd]
+    logits = (q @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+    return torch.softmax(logits.float(), dim=-1).mean(dim=(0, 1))

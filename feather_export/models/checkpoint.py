@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from feather_export.errors import FeatherError
+from feather_export.models.family import check_config
 from feather_export.models.geometry import geometry_of
 
 # trained checkpoints shipped inside the package, by name (feather_export/train_tiny.py made them)
@@ -24,6 +25,10 @@ def _read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FeatherError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
+    return _read_json(cfg_file)
+
+
+def _read_json(cfg_file: Path) -> dict:
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as exc:
@@ -41,21 +46,20 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise FeatherError(f"--model {path} is not a directory (or a tiny model name)")
     cfg = _read_config(path)
-    if cfg.get("model_type") != "llava":
-        raise FeatherError(
-            f"{path} holds model_type {cfg.get('model_type')!r}; only 'llava' "
-            "(LlavaForConditionalGeneration) checkpoints are supported")
-    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
-    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
-    if text_type != "llama":
-        raise FeatherError(f"{path}: text model {text_type!r} is not supported (llama only)")
-    if vision_type != "clip_vision_model":
-        raise FeatherError(f"{path}: vision model {vision_type!r} is not supported (CLIP only)")
+    try:
+        _, vision = check_config(cfg)
+    except FeatherError as exc:
+        raise FeatherError(f"{path}: {exc}") from None
     if not list(path.glob("*.safetensors")):
         raise FeatherError(f"{path} has no *.safetensors weights")
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (path / name).is_file():
             raise FeatherError(f"{path} has no {name}; the artifact needs it to run on its own")
+    processor = _read_json(path / "preprocessor_config.json").get("image_processor_type",
+                                                                   vision.processors[0])
+    if processor not in vision.processors:
+        raise FeatherError(f"{path}: image_processor_type {processor!r} does not prepare a "
+                           f"{vision.family} tower ({' or '.join(vision.processors[:1])} does)")
     return path
 
 

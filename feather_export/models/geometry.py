@@ -11,7 +11,7 @@ class ModelGeometry:
     """What the pruning setup needs to know about a model."""
 
     num_layers: int          # decoder layers L
-    num_image_tokens: int    # N (image tokens in the LLM sequence, CLS dropped)
+    num_image_tokens: int    # N (image tokens in the LLM sequence: the raster, no CLS)
     grid_side: int           # N == grid_side ** 2
 
     def __post_init__(self) -> None:
@@ -23,10 +23,9 @@ class ModelGeometry:
 
 def geometry_of(config) -> ModelGeometry:
     """The pruning geometry of a ``LlavaConfig`` (refuses layouts the exporter does not handle)."""
+    from feather_export.models.family import check_config
+
+    check_config(config)
     vision = config.vision_config
-    if getattr(config, "vision_feature_select_strategy", "default") != "default":
-        raise FeatherError("only vision_feature_select_strategy='default' (CLS dropped) is supported")
-    if not isinstance(config.vision_feature_layer, int):
-        raise FeatherError("a list of vision_feature_layer values is not supported; use one layer")
     side = vision.image_size // vision.patch_size
     return ModelGeometry(config.text_config.num_hidden_layers, side * side, side)

@@ -41,6 +41,10 @@ class ShapeSpec:
     vocab: int
     vision_feature_layer: int = -2
     rope_theta: float = 10000.0
+    text: str = "llama"                 # llama | qwen2 (models.family)
+    vision: str = "clip"                # clip | siglip
+    strategy: str = "default"           # vision_feature_select_strategy
+    tied: bool = False                  # lm_head tied to the embeddings
 
     @property
     def num_image_tokens(self) -> int:
@@ -66,6 +70,15 @@ SHAPE_MODELS: dict[str, ShapeSpec] = {
         "Llama (16 layers, hidden 2048, 16 heads, FFN 5632, vocab 32064)",
         **_CLIP_L_336, hidden=2048, layers=16, heads=16, kv_heads=16, intermediate=5632,
         vocab=32064),
+    "shape-llava-interleave-qwen-0.5b": ShapeSpec(
+        "llava-interleave-qwen-0.5b-hf geometry: SigLIP-so400m/14-384 (26 layers, width 1152, "
+        "FFN 4304; 27 x 27 = 729 image tokens, feature layer -1, strategy full) + Qwen1.5-0.5B "
+        "(Qwen2 class: 24 layers, hidden 1024, 16 heads, FFN 2816, q/k/v biases, tied "
+        "embeddings, vocab 152000)",
+        image_size=384, patch_size=14, vision_hidden=1152, vision_intermediate=4304,
+        vision_layers=26, vision_heads=16, hidden=1024, layers=24, heads=16, kv_heads=16,
+        intermediate=2816, vocab=152000, vision_feature_layer=-1, rope_theta=1000000.0,
+        text="qwen2", vision="siglip", strategy="full", tied=True),
 }
 
 
@@ -77,7 +90,8 @@ def shape_spec(name: str) -> ShapeSpec:
 
 def shape_llava_config(name: str):
     """The ``LlavaConfig`` of a shape model (no weights)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config,
+                              SiglipVisionConfig)
 
     from feather_export.models.tokenizer import (BOS_TOKEN_ID, EOS_TOKEN_ID, IMAGE_TOKEN_ID,
                                                  PAD_TOKEN_ID, TINY_VOCAB_SIZE)
@@ -85,21 +99,29 @@ def shape_llava_config(name: str):
     spec = shape_spec(name)
     if spec.vocab < TINY_VOCAB_SIZE:
         raise FeatherError(f"{name}: vocab {spec.vocab} is smaller than the tiny tokenizer's")
-    vision = CLIPVisionConfig(
+    vision_common = dict(
         hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=768,
-        hidden_act="quick_gelu")
-    text = LlamaConfig(
+        image_size=spec.image_size, patch_size=spec.patch_size)
+    if spec.vision == "siglip":
+        vision = SiglipVisionConfig(**vision_common, hidden_act="gelu_pytorch_tanh",
+                                    layer_norm_eps=1e-6, vision_use_head=False)
+    else:
+        vision = CLIPVisionConfig(**vision_common, projection_dim=768, hidden_act="quick_gelu")
+    text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.text]
+    text = text_cls(
         hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        rms_norm_eps=1e-5 if spec.text == "llama" else 1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        tie_word_embeddings=spec.tied,
         bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                        image_seq_length=spec.num_image_tokens,
                        vision_feature_layer=spec.vision_feature_layer,
-                       projector_hidden_act="gelu", tie_word_embeddings=False)
+                       vision_feature_select_strategy=spec.strategy,
+                       projector_hidden_act="gelu", tie_word_embeddings=spec.tied)
 
 
 def build_shape_model(name: str, progress: Callable[[str], None] | None = None):

@@ -1,29 +1,15 @@
-"""The ``embed`` and ``decoder_a_b`` segments (Llama), shared by prefill and decode."""
+"""The ``embed`` and ``decoder_a_b`` segments (Llama, Mistral, Qwen2 per ``models.family``),
+shared by prefill and decode."""
 from __future__ import annotations
 
 import numpy as np
 
 from feather_export.errors import FeatherError
+from feather_export.models.family import rope_inv_freq, text_spec
 from feather_export.onnx.graph import OPSET, QUANT_OPSET, GraphBuilder
 from feather_export.onnx.layers import (F32, activation, apply_rope, cached_attention, causal_mask,
                                         dim, heads_first, linear, past_mask, rms_norm, rope_tables,
                                         split_heads)
-
-
-def check_text_config(text_config) -> None:
-    """Refuse Llama variants the exporter does not reproduce exactly."""
-    rope = getattr(text_config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise FeatherError(f"rope_type {rope_type!r} is not supported yet (only 'default')")
-    if getattr(text_config, "hidden_act", "silu") != "silu":
-        raise FeatherError(f"decoder activation {text_config.hidden_act!r} is not supported (silu)")
-
-
-def inv_freq(text_config, head_dim: int) -> np.ndarray:
-    theta = (getattr(text_config, "rope_parameters", None) or {}).get(
-        "rope_theta", getattr(text_config, "rope_theta", 10000.0))
-    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
 
 
 def attn_geometry(text_config):
@@ -62,7 +48,7 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     """
     lm = model.model.language_model
     cfg = lm.config
-    check_text_config(cfg)
+    spec = text_spec(model.config)
     heads, kv_heads, head_dim = attn_geometry(cfg)
     d = cfg.hidden_size
     quantized = quant is not None or (final and lm_head_quant is not None)
@@ -73,13 +59,13 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     pasts = [(g.input(f"past_key_values.{i}.key", et, [1, kv_heads, "capacity", head_dim]),
               g.input(f"past_key_values.{i}.value", et, [1, kv_heads, "capacity", head_dim]))
              for i in range(start, end)]
-    cos, sin = rope_tables(g, positions, inv_freq(cfg, head_dim), et)
+    cos, sin = rope_tables(g, positions, rope_inv_freq(cfg), et)
     mask = (past_mask(g, dim(g, pasts[0][0], 2), past_length),      # [capacity] bool
             causal_mask(g, dim(g, hidden, 1), g.const(0)))           # [seq, seq] over the new rows
     for i, (past_k, past_v) in zip(range(start, end), pasts):
         score = score_criterion if i == score_layer else None
-        hidden = _llama_layer(g, lm.layers[i], i, hidden, cos, sin, mask, past_k, past_v,
-                              (heads, kv_heads, head_dim), et, score, quant)
+        hidden = _decoder_layer(g, lm.layers[i], i, hidden, cos, sin, mask, past_k, past_v,
+                                (heads, kv_heads, head_dim), et, spec, score, quant)
     if final:
         last = g.op("Slice", hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
         normed = rms_norm(g, last, lm.norm, "norm", et)
@@ -90,12 +76,15 @@ def build_decoder_span(model, start: int, end: int, et: int, *, final: bool,
     return g.model()
 
 
-def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et, score=None,
-                 quant=None):
+def _decoder_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, et, spec,
+                   score=None, quant=None):
+    """One pre-norm decoder layer (Llama, Mistral, Qwen2: they differ only in ``spec``);
+    ``quant``: weight-only quantization of its linear weights."""
     heads, kv_heads, head_dim = geometry
     attn, p = layer.self_attn, f"layers.{i}"
     x = rms_norm(g, hidden, layer.input_layernorm, f"{p}.input_layernorm", et)
-    qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et, quant)
+    qkv = linear(g, x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{p}.qkv_proj", et, quant,
+                 bias=spec.qkv_bias)
     q, k, v = g.op("Split", qkv, g.const([heads * head_dim, kv_heads * head_dim,
                                           kv_heads * head_dim]), axis=-1, outputs=3)
     q, k = split_heads(g, q, heads, head_dim), split_heads(g, k, kv_heads, head_dim)
@@ -110,15 +99,17 @@ def _llama_layer(g, layer, i, hidden, cos, sin, mask, past_k, past_v, geometry, 
     g.output(k_new, f"present.{i}.key", et, [1, kv_heads, "seq", head_dim])
     g.output(v_new, f"present.{i}.value", et, [1, kv_heads, "seq", head_dim])
     ctx = cached_attention(g, q, past_k, past_v, k_new, v_new, *mask, geometry, et)
-    hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et, quant))
+    hidden = g.op("Add", hidden, linear(g, ctx, attn.o_proj, f"{p}.o_proj", et, quant,
+                                         bias=spec.o_bias))
     x = rms_norm(g, hidden, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", et)
     mlp = layer.mlp
     inter = mlp.gate_proj.out_features
-    gate_up = linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{p}.gate_up_proj", et, quant)
+    gate_up = linear(g, x, [mlp.gate_proj, mlp.up_proj], f"{p}.gate_up_proj", et, quant,
+                     bias=spec.mlp_bias)
     gate, up = g.op("Split", gate_up, g.const([inter, inter]), axis=-1, outputs=2)
     act = activation(g, gate, "silu", et)
-    down = linear(g, g.op("Mul", act, up), mlp.down_proj, f"{p}.down_proj", et, quant)
-    return g.op("Add", hidden, down)
+    return g.op("Add", hidden, linear(g, g.op("Mul", act, up), mlp.down_proj,
+                                     f"{p}.down_proj", et, quant, bias=spec.mlp_bias))
 
 
 def _score_outputs(g, i, q, k_pre_rope, criterion, geometry, et) -> None:

@@ -18,21 +18,30 @@ def cast(g: GraphBuilder, x: str, from_type: int, to_type: int) -> str:
     return x if from_type == to_type else g.op("Cast", x, to=to_type)
 
 
-def linear(g: GraphBuilder, x: str, module, prefix: str, et: int, quant=None) -> str:
+def linear(g: GraphBuilder, x: str, module, prefix: str, et: int, quant=None,
+           bias: bool | None = None) -> str:
     """x @ W^T + b for a torch ``nn.Linear`` (or a list of them fused along the output axis).
 
     ``quant`` (a ``WeightQuant``) stores W^T quantized: ``DequantizeLinear`` feeding the MatMul.
+    ``bias``: what the model family's spec says (None: whatever the module has); a module that
+    disagrees with its spec is a checkpoint the spec does not describe, and is refused.
     """
     import torch
 
     modules = module if isinstance(module, (list, tuple)) else [module]
+    has = [m.bias is not None for m in modules]
+    if bias is None:
+        bias = has[0]
+    if any(h != bias for h in has):
+        raise FeatherError(f"{prefix}: the checkpoint's linear biases do not match its config "
+                           f"(expected {'a bias' if bias else 'no bias'})")
     weight = torch.cat([m.weight for m in modules], dim=0).t()
     if quant is None:
         w = g.weight(f"{prefix}.weight", weight, et)
     else:
         w = g.quantized_weight(f"{prefix}.weight", weight, et, quant)
     y = g.op("MatMul", x, w)
-    if modules[0].bias is not None:
+    if bias:
         bias = torch.cat([m.bias for m in modules])
         y = g.op("Add", y, g.weight(f"{prefix}.bias", bias, et))
     return y
@@ -65,11 +74,18 @@ def activation(g: GraphBuilder, x: str, name: str, et: int) -> str:
         inner = g.op("Erf", g.op("Mul", x32, g.const(np.float32(2 ** -0.5), np.float32)))
         y = g.op("Mul", g.op("Mul", x32, g.const(np.float32(0.5), np.float32)),
                  g.op("Add", inner, g.const(np.float32(1.0), np.float32)))
+    elif name in ("gelu_pytorch_tanh", "gelu_new"):     # SigLIP: the tanh approximation
+        cube = g.op("Mul", g.op("Mul", x32, x32), x32)
+        inner = g.op("Mul", g.op("Add", x32, g.op("Mul", cube, g.const(np.float32(0.044715),
+                                                                     np.float32))),
+                     g.const(np.float32(np.sqrt(2.0 / np.pi)), np.float32))
+        y = g.op("Mul", g.op("Mul", x32, g.const(np.float32(0.5), np.float32)),
+                 g.op("Add", g.op("Tanh", inner), g.const(np.float32(1.0), np.float32)))
     elif name == "silu":
         y = g.op("Mul", x32, g.op("Sigmoid", x32))
     else:
         raise FeatherError(f"activation {name!r} is not supported by the exporter "
-                           "(quick_gelu, gelu, silu are)")
+                           "(quick_gelu, gelu, gelu_pytorch_tanh, silu are)")
     return cast(g, y, F32, et)
 
 

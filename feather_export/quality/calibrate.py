@@ -138,7 +138,6 @@ def layer_similarity(model, pixel_values, input_ids) -> np.ndarray:
 
     from feather_export.methods.reference import (_causal_mask, image_span, run_layer,
                                                   vision_features)
-    from feather_export.methods.scoring import cls_attention_scores
     from feather_export.models.geometry import geometry_of
 
     geo = geometry_of(model.config)
@@ -147,8 +146,7 @@ def layer_similarity(model, pixel_values, input_ids) -> np.ndarray:
     lm = model.model.language_model
     out = []
     with torch.no_grad():
-        features, _ = vision_features(model, torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32),
-                                      cls_attention_scores)
+        features, _ = vision_features(model, torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32))
         hidden = lm.embed_tokens(ids)
         hidden = torch.cat([hidden[:, :start], features.to(hidden.dtype),
                             hidden[:, start + geo.num_image_tokens:]], dim=1).float()
