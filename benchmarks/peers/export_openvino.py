@@ -99,7 +99,13 @@ def main() -> int:
                "--model", str(stage), "--task", "image-text-to-text",
                "--weight-format", args.weight_format, str(out)]
         print(" ".join(cmd), file=sys.stderr, flush=True)
-        return subprocess.call(cmd)
+        rc = subprocess.call(cmd)
+    if rc == 0:
+        # optimum-intel leaves preprocessor_config.json out; GenAI then assumes 336x336 CLIP input
+        for name in ("preprocessor_config.json",):
+            if (src / name).is_file() and not (out / name).is_file():
+                shutil.copy2(src / name, out / name)
+    return rc
 
 
 if __name__ == "__main__":

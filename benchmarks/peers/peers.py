@@ -46,6 +46,9 @@ def say(msg: str) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=MODEL,
+                   help="shape model, or a checkpoint directory / tiny-shapes for a quick end-to-end "
+                        "check of every engine (default: %(default)s)")
     p.add_argument("--engines", default="ours-none,ours-feather144,torch-sdpa,ov-fp32,ov-default",
                    help="comma list (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="load/run/unload rounds (default: 3)")
@@ -68,17 +71,49 @@ def parse_args(argv=None):
 
 # ---- preparation ---------------------------------------------------------------------------------
 
-def prepare(work: Path, budget: int, new_tokens: int, need_ov: list[str], ov_python: str) -> dict:
+def prepare(work: Path, budget: int, new_tokens: int, need_ov: list[str], ov_python: str,
+            model_name: str = MODEL) -> dict:
     """The checkpoint, our artifacts and the OpenVINO export, each made once (reused if present)."""
+    from feather_export.models.checkpoint import BUILTIN_CHECKPOINTS
+
+    if model_name not in BUILTIN_CHECKPOINTS and not Path(model_name).is_dir():
+        return _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name)
+    src = BUILTIN_CHECKPOINTS.get(model_name, Path(model_name))
+    paths = _prepare_checkpoint(work, src, budget, new_tokens)
+    return _prepare_ov(paths, work, need_ov, ov_python)
+
+
+def _write_image(path: Path, size: int = 336) -> None:
+    """A deterministic noise image at the model's input size: no engine resizes or crops it."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def _prepare_checkpoint(work: Path, src: Path, budget: int, new_tokens: int) -> dict:
+    from feather_export.export.artifact import ExportOptions, export
+
+    paths = {"hf": src, "none": work / "none", f"feather{budget}": work / f"feather{budget}",
+             "image": work / "image.png"}
+    if not paths["image"].is_file():
+        config = json.loads((src / "config.json").read_text())
+        _write_image(paths["image"], config["vision_config"]["image_size"])
+    for key, extra in (("none", {"method": "none"}),
+                       (f"feather{budget}", {"method": "feather", "budget": budget})):
+        if not (paths[key] / "feather.json").is_file():
+            export(str(src), paths[key], ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens,
+                                                       **extra), progress=say)
+    return paths
+
+
+def _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name):
     hf, paths = work / "hf", {"hf": work / "hf", "none": work / "none",
                               f"feather{budget}": work / f"feather{budget}", "image": work / "image.png"}
-    if not (paths["image"].is_file()):
-        import numpy as np
-        from PIL import Image
-
-        work.mkdir(parents=True, exist_ok=True)
-        rgb = np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8)
-        Image.fromarray(rgb).save(paths["image"])
+    if not paths["image"].is_file():
+        _write_image(paths["image"])
     todo = [k for k in ("none", f"feather{budget}") if not (paths[k] / "feather.json").is_file()]
     if todo or not (hf / "config.json").is_file():
         from feather_export.export.artifact import ExportOptions
@@ -87,21 +122,26 @@ def prepare(work: Path, budget: int, new_tokens: int, need_ov: list[str], ov_pyt
         from feather_export.models.tokenizer import save_tiny_tokenizer
         from feather_runtime.preprocess import write_preprocessor_config
 
-        model = build_shape_model(MODEL, say)
+        model = build_shape_model(model_name, say)
         if not (hf / "config.json").is_file():
             say(f"saving the checkpoint to {hf}")
             model.save_pretrained(hf, safe_serialization=True)
             save_tiny_tokenizer(hf)
-            write_preprocessor_config(hf, shape_spec(MODEL).image_size)
+            write_preprocessor_config(hf, shape_spec(model_name).image_size)
         jobs = []
         for k in todo:
             extra = {} if k == "none" else {"method": "feather", "budget": budget}
             jobs.append((paths[k], ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens,
                                                  **({"method": "none"} | extra))))
         if jobs:
-            export_shape_artifacts(MODEL, jobs, progress=say, model=model)
+            export_shape_artifacts(model_name, jobs, progress=say, model=model)
         del model
         gc.collect()
+    return _prepare_ov(paths, work, need_ov, ov_python)
+
+
+def _prepare_ov(paths: dict, work: Path, need_ov: list[str], ov_python: str) -> dict:
+    hf = paths["hf"]
     for name in need_ov:
         out = work / name
         paths[name] = out
@@ -321,7 +361,7 @@ def main(argv=None) -> int:
     work, results = Path(args.work), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python)
+    paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python, args.model)
     for e in engines:
         if e.startswith("ours-") and e[5:] not in paths:
             say(f"peers: unknown engine {e!r} (ours-none, ours-feather{args.budget})")
@@ -346,7 +386,7 @@ def main(argv=None) -> int:
     note = (f"shared 2-core machine: 1-minute load average {min(loads):.1f}-{max(loads):.1f} "
             f"(median {median(loads):.1f}) during the runs; absolute times are pessimistic, "
             "compare engines within this run. " + args.note).strip()
-    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": MODEL,
+    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": args.model,
               "prompt": PROMPT, "new_tokens": args.new_tokens, "budget": args.budget,
               "engines": engines, "rounds": args.rounds, "repeats_per_round": args.repeats_per_round,
               "threads": args.threads or "engine default", "ours_session_config": args.ours_config,
@@ -361,7 +401,7 @@ def main(argv=None) -> int:
               f"{lim['gemm_fp32_gflops']} GFLOP/s, bf16 GEMM {lim['gemm_bf16_gflops']} GFLOP/s, read "
               f"{lim['read_gb_s']} GB/s. {note}\n\n")
     (results / "table.md").write_text(header + text)
-    plot(summary, results / "peers.png", f"{MODEL}, 593-token prompt, {args.new_tokens} new tokens; "
+    plot(summary, results / "peers.png", f"{args.model}, {next(iter(summary.values()), {}).get('prompt_tokens', '?')}-token prompt, {args.new_tokens} new tokens; "
          f"{machine['cpu']} ({flags}); load {median(loads):.1f}")
     (results / "COMMAND.txt").write_text(
         "# made by (from the repository root, project venv active; OpenVINO venv from "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
@@ -24,7 +23,12 @@ def say(obj) -> None:
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+    """VmHWM of this process (ru_maxrss would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20
+    return float("nan")
 
 
 class Ours:
@@ -81,6 +85,9 @@ class Torch:
         self.torch = torch
         self.model = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        # generate exactly new_tokens greedy tokens past EOS, as ours (ignore_eos) does: no EOS
+        # at all, rather than min_new_tokens (which masks EOS and so changes the argmax)
+        self.model.generation_config.eos_token_id = None
         pixels = ImagePreprocessor.from_dir(path)(load_image(image))
         n_img = self.model.config.image_seq_length
         ids = PromptBuilder.from_dir(path).build(prompt, n_img)
@@ -107,8 +114,7 @@ class Torch:
             t0 = time.perf_counter()
             out = self.model.generate(
                 input_ids=self.ids, attention_mask=self.torch.ones_like(self.ids),
-                pixel_values=self.pixels, max_new_tokens=self.new_tokens,
-                min_new_tokens=self.new_tokens, do_sample=False,
+                pixel_values=self.pixels, max_new_tokens=self.new_tokens, do_sample=False,
                 logits_processor=LogitsProcessorList([clock]))
             end = time.perf_counter()
         tokens = out[0, self.ids.shape[1]:].tolist()
@@ -144,7 +150,7 @@ class OpenVino:
         self.prompt = prompt
         cfg = genai.GenerationConfig()
         cfg.max_new_tokens = new_tokens
-        cfg.min_new_tokens = new_tokens
+        cfg.ignore_eos = True
         cfg.do_sample = False
         cfg.apply_chat_template = False
         self.cfg = cfg
