@@ -72,14 +72,14 @@ def parse_args(argv=None):
 # ---- preparation ---------------------------------------------------------------------------------
 
 def prepare(work: Path, budget: int, new_tokens: int, need_ov: list[str], ov_python: str,
-            model_name: str = MODEL) -> dict:
+            model_name: str = MODEL, need_ours: tuple[str, ...] | None = None) -> dict:
     """The checkpoint, our artifacts and the OpenVINO export, each made once (reused if present)."""
     from feather_export.models.checkpoint import BUILTIN_CHECKPOINTS
 
     if model_name not in BUILTIN_CHECKPOINTS and not Path(model_name).is_dir():
         return _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name)
     src = BUILTIN_CHECKPOINTS.get(model_name, Path(model_name))
-    paths = _prepare_checkpoint(work, src, budget, new_tokens)
+    paths = _prepare_checkpoint(work, src, budget, new_tokens, need_ours)
     return _prepare_ov(paths, work, need_ov, ov_python)
 
 
@@ -93,7 +93,7 @@ def _write_image(path: Path, size: int = 336) -> None:
     Image.fromarray(rgb).save(path)
 
 
-def _prepare_checkpoint(work: Path, src: Path, budget: int, new_tokens: int) -> dict:
+def _prepare_checkpoint(work: Path, src: Path, budget: int, new_tokens: int, need_ours=None) -> dict:
     from feather_export.export.artifact import ExportOptions, export
 
     paths = {"hf": src, "none": work / "none", f"feather{budget}": work / f"feather{budget}",
@@ -103,6 +103,8 @@ def _prepare_checkpoint(work: Path, src: Path, budget: int, new_tokens: int) -> 
         _write_image(paths["image"], config["vision_config"]["image_size"])
     for key, extra in (("none", {"method": "none"}),
                        (f"feather{budget}", {"method": "feather", "budget": budget})):
+        if need_ours is not None and key not in need_ours:
+            continue
         if not (paths[key] / "feather.json").is_file():
             export(str(src), paths[key], ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens,
                                                        **extra), progress=say)
@@ -176,17 +178,13 @@ def machine_limits(threads: int | None) -> dict:
     import numpy as np
     import torch
 
+    from feather_export.bench.perf_model import _best_time
+
+    def best(fn):
+        return _best_time(fn, 3)
+
     if threads:
         torch.set_num_threads(threads)
-
-    def best(fn, n=3):
-        fn()
-        out = float("inf")
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            out = min(out, time.perf_counter() - t)
-        return out
 
     m, k, n = 576, 2048, 5632
     res = {}
@@ -361,7 +359,8 @@ def main(argv=None) -> int:
     work, results = Path(args.work), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python, args.model)
+    need_ours = tuple(e[5:] for e in engines if e.startswith("ours-"))
+    paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python, args.model, need_ours)
     for e in engines:
         if e.startswith("ours-") and e[5:] not in paths:
             say(f"peers: unknown engine {e!r} (ours-none, ours-feather{args.budget})")
