@@ -189,10 +189,16 @@ class Pipeline:
     def stream(self, image=None, prompt: str = "", max_new_tokens: int | None = None,
                **kwargs) -> Iterator[str]:
         """Yield the answer's text as it is generated."""
-        pixels, ids = self.encode(image, prompt)
-        for piece in self._generate(pixels, ids, max_new_tokens, stream=True, **kwargs):
+        for piece in self.generate_stream(image, prompt, max_new_tokens, **kwargs):
             if isinstance(piece, str):
                 yield piece
+
+    def generate_stream(self, image=None, prompt: str = "", max_new_tokens: int | None = None,
+                        **kwargs) -> Iterator[str | Result]:
+        """Yield the answer's text pieces as they are generated (as ``stream``), then the
+        ``Result`` (token ids, kept indices, timings; its text is the pieces joined)."""
+        pixels, ids = self.encode(image, prompt)
+        yield from self._generate(pixels, ids, max_new_tokens, stream=True, **kwargs)
 
     def generate_ids(self, pixel_values, input_ids, max_new_tokens: int | None = None, *,
                      decode_text: bool = False, **kwargs) -> Result:

@@ -16,7 +16,7 @@ def artifact(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["build", "build-engines", "bench", "export", "run", "check", "validate", "make-tiny",
-                                     "reference"])
+                                     "reference", "serve"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -132,6 +132,9 @@ def test_make_tiny_and_reference(tmp_path, capsys):
     (["run", "{tmp}/missing", "--image", SAMPLE, "--prompt", "hi"], "does not exist"),
     (["check", "{tmp}/missing"], "feather.json"),
     (["make-tiny", "giant", "{tmp}/g"], "unknown tiny model"),
+    (["serve", "{tmp}/missing"], "does not exist"),
+    (["serve", "{tmp}", "--replicas", "0"], "--replicas must be at least 1"),
+    (["serve", "{tmp}", "--image-root", "{tmp}/nowhere"], "not a directory"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

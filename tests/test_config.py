@@ -64,7 +64,14 @@ def test_fastv_and_fastervlm():
     (dict(method="fastv", budget=10, stride=3), "only applies"),
     (dict(method="fastervlm", schedule="2:10"), "before the LLM"),
     (dict(method="magic"), "unknown --method"),
-    (dict(method="btp"), "not implemented"),
+    (dict(method="btp", schedule="3:288,6:0,14:48"), "only the last stage may keep 0"),
+    (dict(method="btp", schedule="3:288,6:300"), "must decrease"),
+    (dict(method="btp", schedule="3:288,6:288"), "must decrease"),
+    (dict(method="btp", schedule="6:288,3:144"), "increase"),
+    (dict(method="btp", budget=144), "disagrees with BTP"),
+    (dict(method="btp", btp_lambda="0.3,1.5"), "between 0 and 1"),
+    (dict(method="btp", btp_lambda="x"), "between 0 and 1"),
+    (dict(method="feather", budget=144, btp_lambda="0.3"), "only applies to --method btp"),
 ])
 def test_bad_configs_raise_project_error(kwargs, message):
     method = kwargs.pop("method")

@@ -81,18 +81,25 @@ def test_plan_configs_validates_against_the_model():
     assert configs[2].file_name == "feather_s1-40_3-9"
     with pytest.raises(FeatherError, match=r"fastv\[9:10\]"):
         plan_configs((), (64,), geo, (("fastv", "9:10"),))
+    # BTP: its default schedule once (refused on 4 layers, with a schedule to use), or a schedule
+    with pytest.raises(FeatherError, match=r"btp: .*--schedule 1:128,2:64,3:0"):
+        plan_configs(("btp",), (64, 14), geo)
+    assert plan_configs(("btp",), (64,), ModelGeometry(8, 256, 16)) == [EvalConfig("btp", 128)]
+    assert plan_configs((), (64,), geo, (("btp", "1:128,2:64,3:0"),)) == [
+        EvalConfig("btp", 128, "1:128,2:64,3:0")]
 
 
 def test_schedule_parsing():
     assert parse_schedules(["feather=1:136", "feather = 1:40, 3:9", "feather=1:136"]) == (
         ("feather", "1:136"), ("feather", "1:40,3:9"))
     assert parse_schedules(None) == ()
-    for bad in ("feather", "none=1:3", "btp=1:3", "feather="):
+    assert parse_schedules(["btp=1:128,2:64,3:0"]) == (("btp", "1:128,2:64,3:0"),)
+    for bad in ("feather", "none=1:3", "magic=1:3", "feather="):
         with pytest.raises(FeatherError, match="METHOD=LAYER:KEEP"):
             parse_schedules([bad])
 
 
-@pytest.mark.parametrize("call", [lambda: parse_methods("feather,btp"), lambda: parse_methods(" , "),
+@pytest.mark.parametrize("call", [lambda: parse_methods("feather,magic"), lambda: parse_methods(" , "),
                                   lambda: parse_budgets("64,x"), lambda: parse_budgets("0"),
                                   lambda: parse_engines("trt")])
 def test_bad_option_strings_are_user_errors(call):
@@ -160,7 +167,8 @@ def test_eval_schedules_both_engines(random_model, tmp_path, capsys):
     assert any(n.startswith("feather_s1-24_2-6_ex0") for n in names), names
 
 
-@pytest.mark.parametrize("argv, phrase", [(["--methods", "none,btp"], "unknown method"),
+@pytest.mark.parametrize("argv, phrase", [(["--methods", "none,magic"], "unknown method"),
+                                          (["--methods", "btp"], "--schedule 1:32,2:16,3:0"),
                                           (["--schedule", "fastv"], "METHOD=LAYER:KEEP"),
                                           (["--budgets", "64,x"], "not a comma-separated list"),
                                           (["--n", "0"], "--n must be a positive integer")])

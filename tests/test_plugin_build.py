@@ -23,8 +23,11 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1] / "engines" / "plugin"
 KERNEL_CU = PLUGIN_DIR / "select_tokens_kernel.cu"
 KERNEL_TEST = PLUGIN_DIR / "select_tokens_kernel_test.cpp"
 PLUGIN_CPP = PLUGIN_DIR / "select_tokens_plugin.cpp"
+BTP_PLUGIN_CPP = PLUGIN_DIR / "btp_select_plugin.cpp"
 PLUGIN_HOST_TEST = PLUGIN_DIR / "select_tokens_plugin_host_test.cpp"
 EXPORT_MAP = PLUGIN_DIR / "feather_plugin.map"
+BTP_KERNEL_CU = PLUGIN_DIR / "btp_select_kernel.cu"
+BTP_KERNEL_TEST = PLUGIN_DIR / "btp_select_kernel_test.cpp"
 TIMEOUT = 600
 
 
@@ -137,6 +140,146 @@ def test_kernel_compiles_with_nvcc(tmp_path):
     assert "PASS host_checks" in proc.stdout
 
 
+# A fake CUDA runtime for the kernels' host code: nvcc's launch stubs (CUDA 12: cudaLaunchKernel;
+# CUDA 13: __cudaGetKernel/__cudaLaunchKernel) and the error slot, modelled on the runtime API
+# documentation: a failing call sets the thread's last error, a successful launch leaves it as it
+# was, cudaGetLastError returns and clears it, cudaPeekAtLastError only returns it.
+_FAKE_CUDART_C = r"""
+static int last_error, fail_launches, launches;
+static void* handle[4];
+void fake_set_last_error(int e) { last_error = e; }
+void fake_fail_launches(int e) { fail_launches = e; }
+int fake_launches(void) { return launches; }
+int cudaGetLastError(void) { int e = last_error; last_error = 0; return e; }
+int cudaPeekAtLastError(void) { return last_error; }
+static int launch(void) { ++launches; if (fail_launches) last_error = fail_launches; return fail_launches; }
+int cudaLaunchKernel() { return launch(); }
+int __cudaLaunchKernel() { return launch(); }
+int __cudaGetKernel() { return 0; }
+unsigned __cudaPushCallConfiguration() { return 0; }
+int __cudaPopCallConfiguration() { return 0; }
+void** __cudaRegisterFatBinary() { return handle; }
+void __cudaRegisterFatBinaryEnd() {}
+void __cudaUnregisterFatBinary() {}
+void __cudaRegisterFunction() {}
+"""
+_FAKE_CUDART_SYMBOLS = {"cudaGetLastError", "cudaPeekAtLastError", "cudaLaunchKernel", "__cudaLaunchKernel",
+                        "__cudaGetKernel", "__cudaPushCallConfiguration", "__cudaPopCallConfiguration",
+                        "__cudaRegisterFatBinary", "__cudaRegisterFatBinaryEnd", "__cudaUnregisterFatBinary",
+                        "__cudaRegisterFunction"}
+_LAUNCH_DRIVER_CPP = r"""
+#include "select_tokens_kernel.h"
+#include <cstdio>
+extern "C" void fake_set_last_error(int);
+extern "C" void fake_fail_launches(int);
+extern "C" int fake_launches(void);
+int main()
+{
+    float* scores = reinterpret_cast<float*>(0x10000);  // never dereferenced: no kernel runs
+    int64_t* kept = reinterpret_cast<int64_t*>(0x20000);
+    void* ws = reinterpret_cast<void*>(0x30000);
+    auto select = [&] { return feather_select_tokens(scores, 64, 8, 8, 4, kept, ws, feather_select_workspace_bytes(64), nullptr); };
+    auto gather = [&] { return feather_gather_rows(ws, ws, 70, 16, 4, 64, 8, kept, kept, nullptr); };
+    fake_set_last_error(1);        // cudaErrorInvalidValue left by someone else's call
+    int const s1 = select();
+    fake_set_last_error(1);
+    int const g1 = gather();
+    int const left = cudaPeekAtLastError();
+    std::printf("stale: select %d gather %d launches %d left %d\n", s1, g1, fake_launches(), left);
+    fake_fail_launches(9);         // cudaErrorInvalidConfiguration from our own launch
+    int const s2 = select();
+    int const g2 = gather();
+    std::printf("failing: select %d gather %d\n", s2, g2);
+    return (s1 == FEATHER_SELECT_OK && g1 == FEATHER_SELECT_OK && fake_launches() == 5 && left == 0
+               && s2 == FEATHER_SELECT_ERR_CUDA && g2 == FEATHER_SELECT_ERR_CUDA) ? 0 : 1;
+}
+"""
+
+
+def test_stale_cuda_error_does_not_fail_a_launch(tmp_path):
+    """CPU, no GPU: the kernels' host code linked against a fake CUDA runtime. An error another
+    library left in the thread's last-error slot does not fail our launches (it is cleared before
+    them); an error of our own launch still returns FEATHER_SELECT_ERR_CUDA."""
+    nvcc, root = _require_nvcc()
+    cxx, cc = shutil.which("g++") or shutil.which("c++"), shutil.which("gcc") or shutil.which("cc")
+    if cxx is None or cc is None:
+        _skip("no host C/C++ compiler (gcc/g++)")
+    obj = _compile_kernel_object(nvcc, tmp_path / "select_tokens_kernel.o", archs=("90",))
+    nm = shutil.which("nm")
+    if nm is None:
+        _skip("nm not found (to list the CUDA symbols the kernel object needs)")
+    undefined = {line.split()[-1] for line in _check([nm, "-u", obj]).stdout.splitlines() if line.strip()}
+    unknown = {u for u in undefined if "cuda" in u.lower()} - _FAKE_CUDART_SYMBOLS
+    if unknown:
+        _skip(f"this nvcc's launch stubs need CUDA symbols the fake runtime lacks: {sorted(unknown)}")
+    (tmp_path / "fake_cudart.c").write_text(_FAKE_CUDART_C)
+    (tmp_path / "driver.cpp").write_text(_LAUNCH_DRIVER_CPP)
+    _check([cc, "-std=gnu11", "-w", "-c", tmp_path / "fake_cudart.c", "-o", tmp_path / "fake_cudart.o"])
+    _check([cxx, "-std=c++17", "-I", PLUGIN_DIR, "-isystem", root / "include", "-c", tmp_path / "driver.cpp",
+            "-o", tmp_path / "driver.o"])
+    exe = tmp_path / "launch_errors"
+    _check([cxx, tmp_path / "driver.o", obj, tmp_path / "fake_cudart.o", "-o", exe])
+    proc = _run([exe])
+    assert proc.returncode == 0, proc.stdout
+
+
+def _build_btp_test(tmp_path, nvcc: str, root: Path, archs=("87", "90")) -> Path:
+    """btp_select_kernel_test linked against the BTP kernels compiled for ``archs``."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        _skip("no host C++ compiler (g++/c++) to build btp_select_kernel_test")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    objs = []
+    for src in (BTP_KERNEL_CU, KERNEL_CU):
+        obj = tmp_path / f"{src.stem}.o"
+        _check([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall,-Wextra",
+                *gencode, "-c", src, "-o", obj])
+        objs.append(obj)
+    exe = tmp_path / "btp_select_kernel_test"
+    _check([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
+            "-isystem", root / "include", "-c", BTP_KERNEL_TEST, "-o", tmp_path / "btp_test.o"])
+    _check([cxx, tmp_path / "btp_test.o", *objs, f"-L{_cudart_dir(root)}", "-lcudart", "-o", exe])
+    return exe
+
+
+def test_btp_kernel_compiles_with_nvcc(tmp_path):
+    """The BTP (SelectBalanced) kernels compile for sm_87 and sm_90; the kernel test links and its
+    host-only checks pass (the GPU cases need a GPU: exit 77 here)."""
+    nvcc, root = _require_nvcc()
+    exe = _build_btp_test(tmp_path, nvcc, root)
+    proc = _run([exe, "--random", "4"], env=_runtime_env(root))
+    assert proc.returncode in (0, 77), f"btp kernel test exited {proc.returncode}"
+    assert "PASS host_checks" in proc.stdout
+
+
+def test_btp_cpu_reference_matches_the_python_oracle(tmp_path):
+    """The C++ reference the BTP kernel is tested against keeps what methods.selection.btp_select
+    keeps (the oracle the ONNX graphs are tested against), on random cases."""
+    import numpy as np
+
+    from feather_export.methods.selection import btp_select, farthest_point_seed
+
+    nvcc, root = _require_nvcc()
+    exe = _build_btp_test(tmp_path, nvcc, root, archs=("90",))
+    rng = np.random.default_rng(11)
+    cases, expected = [], []
+    for n, dim, keep, m, pool, seeded in [(64, 8, 32, 9, 33, True), (100, 20, 40, 0, 0, False),
+                                          (81, 5, 30, 30, 36, False), (144, 16, 48, 20, 30, True),
+                                          (25, 3, 25, 4, 7, True), (200, 12, 77, 23, 85, False)]:
+        logits = rng.standard_normal(n).astype(np.float32)
+        features = rng.standard_normal((n, dim)).astype(np.float32)
+        seed = farthest_point_seed(int(round(n ** 0.5)), keep // 2) if seeded else np.zeros(0, np.int64)
+        seed = seed[seed < n]
+        expected.append(btp_select(logits, features, keep, m, pool, seed).tolist())
+        fields = [n, dim, keep, m, pool, len(seed), *seed.tolist(),
+                  *(repr(float(v)) for v in logits), *(repr(float(v)) for v in features.ravel())]
+        cases.append(" ".join(map(str, fields)))
+    (tmp_path / "cases.txt").write_text("\n".join(cases) + "\n")
+    proc = _check([exe, "--reference", tmp_path / "cases.txt"], env=_runtime_env(root))
+    got = [[int(v) for v in line.split()] for line in proc.stdout.strip().splitlines()]
+    assert got == expected
+
+
 # ---------------------------------------------------------------- (b) plugin vs TensorRT headers
 
 
@@ -158,18 +301,25 @@ def test_plugin_compiles_against_tensorrt_headers(tmp_path):
              "-isystem", inc, "-isystem", root / "include"]
     plugin_obj = tmp_path / "select_tokens_plugin.o"
     _check([cxx, *flags, "-c", PLUGIN_CPP, "-o", plugin_obj])
+    btp_plugin_obj = tmp_path / "btp_select_plugin.o"
+    _check([cxx, *flags, "-c", BTP_PLUGIN_CPP, "-o", btp_plugin_obj])
     # nvcc as the compiler driver too (host-only C++ file; the CMake build uses the C++ compiler).
     _check([nvcc, "-std=c++17", "-Xcompiler", "-fPIC", "-isystem", inc, "-c", PLUGIN_CPP,
             "-o", tmp_path / "select_tokens_plugin_nvcc.o"])
 
     kernel_obj = _compile_kernel_object(nvcc, tmp_path / "select_tokens_kernel.o", archs=("87",))
+    btp_kernel_obj = tmp_path / "btp_select_kernel.o"
+    _check([nvcc, "-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+            "-gencode=arch=compute_87,code=sm_87", "-c", BTP_KERNEL_CU, "-o", btp_kernel_obj])
     lib = tmp_path / "libfeather_plugin.so"
-    _check([cxx, "-shared", "-o", lib, plugin_obj, kernel_obj, f"-L{_cudart_dir(root)}", "-lcudart",
+    _check([cxx, "-shared", "-o", lib, plugin_obj, btp_plugin_obj, kernel_obj, btp_kernel_obj,
+            f"-L{_cudart_dir(root)}", "-lcudart",
             "-Wl,--no-undefined", f"-Wl,--version-script={EXPORT_MAP}"])
     nm = shutil.which("nm")
     if nm:
         exported = _check([nm, "-D", "--defined-only", lib]).stdout
-        for sym in ("getCreators", "setLoggerFinder", "feather_select_tokens", "feather_gather_rows"):
+        for sym in ("getCreators", "setLoggerFinder", "feather_select_tokens", "feather_gather_rows",
+                    "feather_btp_select"):
             assert f" T {sym}\n" in exported, f"{sym} is not exported from libfeather_plugin.so"
 
     host_test = tmp_path / "select_tokens_plugin_host_test"
@@ -198,6 +348,21 @@ def test_kernel_matches_cpu_reference_on_gpu(tmp_path):
     assert "OK:" in proc.stdout
 
 
+@pytest.mark.gpu
+def test_btp_kernel_matches_cpu_reference_on_gpu(tmp_path):
+    """Build btp_select_kernel_test for the local GPU and run every case against the CPU reference."""
+    ok, why = _gpu_available()
+    if not ok:
+        _skip(why)
+    nvcc, root = _require_nvcc()
+    exe = tmp_path / "btp_select_kernel_test"
+    _check([nvcc, "-std=c++17", "-O2", "-arch=native", "-Xcompiler", "-ffp-contract=off",
+            BTP_KERNEL_CU, KERNEL_CU, BTP_KERNEL_TEST, "-o", exe])
+    proc = _run([exe, "--random", "100", "--quiet"], env=_runtime_env(root))
+    assert proc.returncode == 0, f"btp_select_kernel_test exited {proc.returncode}"
+    assert "OK:" in proc.stdout
+
+
 # ---------------------------------------------------------------- (d) CMake
 
 
@@ -220,5 +385,6 @@ def test_cmake_configure_and_build(tmp_path):
     _check(args)
     _check([cmake, "--build", build, "-j", str(min(8, os.cpu_count() or 1))])
     assert (build / "select_tokens_kernel_test").is_file()
+    assert (build / "btp_select_kernel_test").is_file()
     if with_plugin:
         assert (build / "libfeather_plugin.so").is_file()

@@ -5,9 +5,15 @@ artifacts, plugin rules, trtexec lines) and the backend's mechanics (index check
 profile chosen by shape, buffers sized once and bound once, host<->device copies, refusals), and
 that a Pipeline on the backend reproduces ONNX Runtime token for token.
 What it does not prove: anything about TensorRT itself. The fake engine executes the segment's ONNX
-file with ONNX Runtime, and the fakes implement only the documented TensorRT 10.3 / cuda-python
-calls the code makes (signatures from TensorRT's python/src/infer/pyCore.cpp at v10.3.0). The real
-thing is tests/test_tensorrt.py (marked ``tensorrt``).
+file with ONNX Runtime, and the fakes implement only the documented TensorRT / cuda-python calls
+the code makes (signatures from TensorRT's python/src/infer/pyCore.cpp at v10.3.0), in two API
+generations: 10.x (``BuilderFlag.FP16/BF16``, ``IStreamReader``; ``IStreamReaderV2`` from 10.7) and
+11.x (no FP16/BF16 builder flags: strongly typed only; ``IStreamReaderV2`` only; read from the
+enum and class names in the tensorrt-cu12-bindings 11.4.0 wheel). The build step runs for real
+against a fake ``polygraphy.backend.trt`` that mirrors polygraphy 0.49-0.53 where it matters
+(``CreateConfig`` fails on a missing builder flag; ``EngineBytesFromNetwork`` opens
+``<cache>.lock`` beside a ``save_timing_cache`` path and leaves it). The real thing is
+tests/test_tensorrt.py (marked ``tensorrt``).
 """
 from __future__ import annotations
 
@@ -77,6 +83,8 @@ class FakeCuda:
         rt.cudaGraphLaunch = self.launch
         rt.cudaGraphExecDestroy = self.destroy_exec
         rt.cudaGraphDestroy = lambda g: (OK,)
+        self.driver_version, self.bindings_version = 12060, "12.9.0"     # CUDA 12.6 driver
+        rt.cudaDriverGetVersion = lambda: (OK, self.driver_version)
         rt.cudaSetDevice = lambda d: (OK,)
         rt.cudaGetDevice = lambda: (OK, 0)
         rt.cudaGetDeviceProperties = lambda d: (OK, types.SimpleNamespace(
@@ -173,6 +181,7 @@ class FakeCuda:
         utils = _module("cuda.bindings.utils")           # cuda-bindings >= 13 stream handles
         utils.get_cuda_native_handle = lambda obj: (self._stream(obj), int(obj))[1]
         bindings.runtime, bindings.utils = self.runtime, utils
+        bindings.__version__ = self.bindings_version
         cuda.bindings = bindings
         monkeypatch.setitem(sys.modules, "cuda", cuda)
         monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
@@ -192,20 +201,34 @@ class FakeStream:
 
 # ---- fake tensorrt ------------------------------------------------------------------------------
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".")[:2])
+
+
 class FakeTensorRT:
     def __init__(self, cuda: FakeCuda, version="10.3.0"):
         self.cuda = cuda
         self.loaded_plugins = []
         self.contexts = []
+        self.readers = []                  # which stream reader deserialized each plan
         trt = _module("tensorrt")
         trt.__version__ = version
+        v = _version(version)
+        flags = ["DEBUG", "GPU_FALLBACK", "TF32", "REFIT"] + (["FP16", "BF16", "INT8"] if v < (11, 0) else [])
+        trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
+        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED="strongly_typed")
+        trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
         trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
         trt.TensorLocation = types.SimpleNamespace(DEVICE="device", HOST="host")
         trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(
             STATIC="static", ON_PROFILE_CHANGE="on_profile_change", USER_MANAGED="user_managed")
         trt.LayerType = types.SimpleNamespace(PLUGIN_V3="plugin_v3")
         trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
-        trt.IStreamReader = type("IStreamReader", (), {"__init__": lambda self: None})
+        if v < (11, 0):
+            trt.IStreamReader = type("IStreamReader", (), {"__init__": lambda self: None})
+        if v >= (10, 7):
+            trt.IStreamReaderV2 = type("IStreamReaderV2", (), {"__init__": lambda self: None})
+            trt.SeekPosition = types.SimpleNamespace(SET="set", CUR="cur", END="end")
         trt.bfloat16 = "bfloat16"
 
         def nptype(dtype):
@@ -220,7 +243,19 @@ class FakeTensorRT:
                 pass
 
             def deserialize_cuda_engine(self, source):
-                data = source.read(1 << 30) if hasattr(source, "read") else source
+                v2 = getattr(trt, "IStreamReaderV2", None)
+                if v2 is not None and isinstance(source, v2):     # read(num_bytes, stream), seek
+                    assert source.seek(0, trt.SeekPosition.END) and source.seek(0, trt.SeekPosition.SET)
+                    chunks = []
+                    while chunk := source.read(4096, 0x5EED):
+                        chunks.append(chunk)
+                    data, kind = b"".join(chunks), "IStreamReaderV2"
+                elif hasattr(trt, "IStreamReader") and isinstance(source, trt.IStreamReader):
+                    data, kind = source.read(1 << 30), "IStreamReader"
+                else:
+                    assert isinstance(source, (bytes, bytearray)), type(source)
+                    data, kind = source, "bytes"
+                fake.readers.append(kind)
                 return FakeEngine(fake, json.loads(data))
         trt.Runtime = Runtime
 
@@ -238,6 +273,162 @@ class FakeTensorRT:
 
     def install(self, monkeypatch):
         monkeypatch.setitem(sys.modules, "tensorrt", self.module)
+
+
+# ---- fake polygraphy (the four loaders the builder uses) ---------------------------------------
+
+class FakePolygraphy:
+    """``polygraphy.backend.trt`` over the fake TensorRT. The "network" is the ONNX path; the
+    "engine" a JSON spec the fake runtime executes with ONNX Runtime. Mirrors polygraphy where the
+    builder's behaviour depends on it: ``CreateConfig`` raises PolygraphyException for a builder
+    flag this TensorRT lacks (``try_set_flag`` -> ``fail_unavailable``); ``EngineBytesFromNetwork``
+    with a ``save_timing_cache`` path opens ``path + ".lock"`` ("wb+", outside any try) after the
+    build and never deletes it (``util.LockFile``). The parser's plugin precedence follows the
+    TensorRT changelog: before 10.7 a local function wins over a registered plugin."""
+
+    def __init__(self, trt: FakeTensorRT):
+        self.trt = trt
+        self.compiled: list[str] = []
+        fake = self
+        exception = _module("polygraphy.exception")
+
+        class PolygraphyException(Exception):
+            pass
+        exception.PolygraphyException = PolygraphyException
+        backend = _module("polygraphy.backend.trt")
+
+        class NetworkFromOnnxPath:
+            def __init__(self, path, strongly_typed=False):
+                self.path, self.strongly_typed = path, strongly_typed
+
+            def __call__(self):
+                import onnx
+
+                if self.strongly_typed:
+                    getattr(trt.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+                model = onnx.load(self.path, load_external_data=False)
+                select = any(n.domain == "feather" for n in model.graph.node)
+                plugin = trt.module.get_plugin_registry().get_creator("SelectTokens", "1", "feather")
+                inlined = bool(model.functions) and _version(trt.module.__version__) < (10, 7)
+                layers = ["plugin_v3"] if select and plugin is not None and not inlined else ["matmul"]
+                return FakeBuilder(), FakeNetwork(self.path, layers, self.strongly_typed), object()
+
+        class Profile(dict):
+            def add(self, name, min, opt, max):
+                self[name] = {"min": list(min), "opt": list(opt), "max": list(max)}
+                return self
+
+        class CreateConfig:
+            def __init__(self, profiles=None, tf32=None, fp16=None, bf16=None, memory_pool_limits=None,
+                         load_timing_cache=None):
+                self.kw = dict(profiles=profiles or [], tf32=bool(tf32), fp16=bool(fp16), bf16=bool(bf16),
+                               pools=memory_pool_limits, load=load_timing_cache)
+
+            def __call__(self, builder, network):
+                config = FakeBuilderConfig(trt, self.kw["profiles"], self.kw["pools"])
+                for name in ("fp16", "bf16", "tf32"):
+                    if self.kw[name]:
+                        flag = getattr(trt.module.BuilderFlag, name.upper(), None)
+                        if flag is None:
+                            raise PolygraphyException(f"{name} is not available on TensorRT version "
+                                                      f"{trt.module.__version__}")
+                        config.flags.add(flag)
+                if self.kw["load"]:
+                    try:
+                        config.set_timing_cache(config.create_timing_cache(Path(self.kw["load"]).read_bytes()),
+                                                ignore_mismatch=False)
+                    except FileNotFoundError:
+                        pass
+                return config
+
+        class EngineBytesFromNetwork:
+            def __init__(self, network, config=None, save_timing_cache=None):
+                self.network, self.config, self.save = network, config, save_timing_cache
+
+            def __call__(self):
+                builder, network, _ = self.network
+                config = self.config(builder, network) if callable(self.config) else self.config
+                engine = builder.build_serialized_network(network, config)
+                fake.compiled.append(Path(network.path).stem)
+                if self.save:
+                    with open(self.save + ".lock", "wb+"):
+                        previous = Path(self.save).read_bytes() if Path(self.save).exists() else None
+                        cache = config.get_timing_cache()
+                        if previous:
+                            cache.combine(config.create_timing_cache(previous), True)
+                        Path(self.save).write_bytes(cache.serialize())
+                return engine
+
+        backend.NetworkFromOnnxPath, backend.Profile = NetworkFromOnnxPath, Profile
+        backend.CreateConfig, backend.EngineBytesFromNetwork = CreateConfig, EngineBytesFromNetwork
+        self.modules = {"polygraphy": _module("polygraphy"), "polygraphy.backend": _module("polygraphy.backend"),
+                        "polygraphy.backend.trt": backend, "polygraphy.exception": exception}
+
+    def install(self, monkeypatch):
+        for name, module in self.modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+
+
+class FakeLayer:
+    def __init__(self, kind):
+        self.type = kind
+
+
+class FakeNetwork:
+    def __init__(self, path, layers, strongly_typed):
+        self.path, self.layers, self.strongly_typed = path, [FakeLayer(k) for k in layers], strongly_typed
+
+    num_layers = property(lambda self: len(self.layers))
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+
+class FakeBuilder:
+    def build_serialized_network(self, network, config):
+        config.timing.entries.add(Path(network.path).stem)       # tactics timed for this network
+        spec = {"onnx": str(Path(network.path).resolve()), "strongly_typed": network.strongly_typed,
+                "flags": sorted(config.flags), "pools": config.pools,
+                "profiles": [{"shapes": dict(p)} for p in config.profiles]}
+        return json.dumps(spec).encode()
+
+
+class FakeTimingCache:
+    def __init__(self, owner: str, entries=()):
+        self.owner, self.entries = owner, set(entries)
+
+    def combine(self, other, ignore_mismatch):
+        assert isinstance(other, FakeTimingCache) and isinstance(ignore_mismatch, bool)
+        if other.owner != self.owner and not ignore_mismatch:
+            return False
+        self.entries |= other.entries
+        return True
+
+    def serialize(self):
+        return json.dumps({"owner": self.owner, "entries": sorted(self.entries)}).encode()
+
+
+class FakeBuilderConfig:
+    """IBuilderConfig: flags, profiles, pools and the timing cache API (create/set/get)."""
+
+    def __init__(self, trt: FakeTensorRT, profiles, pools):
+        self.owner = f"TensorRT {trt.module.__version__} on Fake GPU"
+        self.flags, self.profiles = set(), list(profiles)
+        self.pools = {str(k): v for k, v in (pools or {}).items()}
+        self.timing = FakeTimingCache(self.owner)
+
+    def create_timing_cache(self, data):
+        blob = json.loads(bytes(data)) if data else {"owner": self.owner, "entries": []}
+        return FakeTimingCache(blob["owner"], blob["entries"])
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.owner != self.owner and not ignore_mismatch:
+            return False
+        self.timing = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.timing
 
 
 class FakeEngine:
@@ -382,26 +573,29 @@ class FakeContext:
 
 # ---- fixtures ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def fakes(monkeypatch):
+def _install_fakes(monkeypatch, version="10.3.0"):
     cuda = FakeCuda()
     cuda.install(monkeypatch)
-    trt = FakeTensorRT(cuda)
+    trt = FakeTensorRT(cuda, version)
     trt.install(monkeypatch)
-    compiled = []
-
-    def fake_compile(trt_module, root, plan, plugin_loaded, timing_cache, workspace_mib, tf32):
-        assert trt_module is trt.module
-        compiled.append(plan.segment)
-        spec = {"onnx": str((root / plan.onnx).resolve()),
-                "profiles": [p.to_dict() for p in plan.profiles]}
-        (root / plan.engine).write_text(json.dumps(spec))
-        return plugin_loaded and plan.uses_select_op
-    monkeypatch.setattr(trt_build, "_compile_to_file", fake_compile)
+    polygraphy = FakePolygraphy(trt)
+    polygraphy.install(monkeypatch)
     import feather_runtime.backends.tensorrt as backend_module
     monkeypatch.setattr(backend_module, "_loaded_plugins", {})
     monkeypatch.setattr(backend_module, "_logger", None)
-    return types.SimpleNamespace(cuda=cuda, trt=trt, compiled=compiled)
+    return types.SimpleNamespace(cuda=cuda, trt=trt, polygraphy=polygraphy, compiled=polygraphy.compiled)
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """TensorRT 10.3 (JetPack 6) generation."""
+    return _install_fakes(monkeypatch)
+
+
+@pytest.fixture(params=["10.3.0", "11.4.0"])
+def fakes_any(request, monkeypatch):
+    """Both API generations."""
+    return _install_fakes(monkeypatch, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -518,9 +712,10 @@ def test_without_tensorrt_is_a_clear_error(artifacts, monkeypatch):
 # ---- backend -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["b144", "vlm"])
-def test_pipeline_on_fake_tensorrt_matches_onnxruntime(fakes, artifacts, tmp_path, name):
+def test_pipeline_on_fake_tensorrt_matches_onnxruntime(fakes_any, artifacts, tmp_path, name):
     from feather_export.models.tiny import build_tiny_model
 
+    fakes = fakes_any
     art = _copy(artifacts[name], tmp_path / name)
     trt_build.build_engines(art, progress=lambda m: None)
     pixels, ids = tiny_inputs(build_tiny_model("tiny"), seed=3)
@@ -528,6 +723,9 @@ def test_pipeline_on_fake_tensorrt_matches_onnxruntime(fakes, artifacts, tmp_pat
     pipe = _trt_pipeline(art)
     res = pipe.generate_ids(pixels, ids, max_new_tokens=12)
     assert res.token_ids == ref.token_ids and res.kept == ref.kept and len(res.token_ids) == 12
+    # plans are streamed, never read whole: IStreamReader on 10.3, IStreamReaderV2 (11 has no other)
+    reader = "IStreamReaderV2" if fakes.trt.module.__version__.startswith("11") else "IStreamReader"
+    assert fakes.trt.readers == [reader] * len(pipe.runners)
     np.testing.assert_allclose(res.first_logits, ref.first_logits, rtol=0, atol=1e-6)
     decoder_contexts = [r.contexts for n, r in pipe.runners.items() if n.startswith("decoder")]
     assert all(len(cs) == 2 for cs in decoder_contexts)
@@ -656,7 +854,7 @@ def test_backend_refusals(fakes, artifacts, tmp_path, monkeypatch):
     index_path.write_text(original)
     plan = art / "engines" / "embed.fp32.plan"
     spec = json.loads(plan.read_text())
-    plan.write_text(json.dumps({"profiles": spec["profiles"], "onnx": spec["onnx"]}))  # same size
+    plan.write_text(json.dumps(dict(reversed(list(spec.items())))))   # same size, other bytes
     with pytest.raises(FeatherError, match="tampered or corrupted"):
         TensorRTBackend().load(art, embed)
     TensorRTBackend(verify=False).load(art, embed)                    # size check only
@@ -743,3 +941,206 @@ def test_module_entry_point(fakes, artifacts, tmp_path, capsys):
     assert trt_build.main([str(plugin_only)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("feather-export: error: this artifact was exported with --trt-plugin-only")
+
+
+# ---- review findings (issue 19): TensorRT 11, timing cache, staging, plugin hash, pins, ties ----
+
+def test_tensorrt11_builds_strongly_typed_only(artifacts, tmp_path, monkeypatch):
+    """TensorRT 11 has no FP16/BF16 builder flags: the artifact's dtype builds (strongly typed), and
+    another --precision is refused before anything is built; 10.3 builds fp16 weakly typed."""
+    fakes = _install_fakes(monkeypatch, "11.4.0")
+    art = _copy(artifacts["b64"], tmp_path / "a")
+    with pytest.raises(FeatherError, match="TensorRT 11.4.0 builds strongly typed networks only.*"
+                                           "--dtype fp16"):
+        trt_build.build_engines(art, "fp16", progress=lambda m: None)
+    assert fakes.compiled == [] and not (art / "engines" / "engines.json").exists()
+    assert trt_build.main([str(art), "--precision", "bf16"]) == 2
+    trt_build.build_engines(art, progress=lambda m: None)
+    index = json.loads((art / "engines" / "engines.json").read_text())
+    assert index["default_precision"] == "fp32" and all(e["strongly_typed"] for e in index["engines"])
+    specs = [json.loads((art / e["file"]).read_text()) for e in index["engines"]]
+    assert all(s["strongly_typed"] and s["flags"] == [] for s in specs)
+
+    fakes10 = _install_fakes(monkeypatch, "10.3.0")
+    art10 = _copy(artifacts["b64"], tmp_path / "b")
+    trt_build.build_engines(art10, "fp16", progress=lambda m: None)
+    assert len(fakes10.compiled) == 7
+    index = json.loads((art10 / "engines" / "engines.json").read_text())
+    specs = [json.loads((art10 / e["file"]).read_text()) for e in index["engines"]]
+    assert all(not s["strongly_typed"] and s["flags"] == ["FP16"] for s in specs)
+
+
+def test_timing_cache_in_a_new_directory(fakes_any, artifacts, tmp_path):
+    """The docs' ~/.cache/feather/timing.cache on a fresh machine: the directories are created,
+    every engine's tactics land in the cache, builds sharing it merge, and no .lock is left."""
+    cache = tmp_path / "fresh" / "feather" / "timing.cache"
+    a = _copy(artifacts["b144"], tmp_path / "a")
+    msgs = []
+    trt_build.build_engines(a, timing_cache=cache, progress=msgs.append)
+    assert any(f"--timingCacheFile={cache}" in m for m in msgs)
+    entries = json.loads(cache.read_bytes())["entries"]
+    assert entries == sorted(["vision", "embed", "decoder_0_1", "select_1", "decoder_1_2", "select_2",
+                              "decoder_2_4"])
+    b = _copy(artifacts["vlm"], tmp_path / "b")
+    trt_build.build_engines(b, timing_cache=cache, progress=msgs.append)
+    assert set(json.loads(cache.read_bytes())["entries"]) >= set(entries) | {"select_0"}
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]      # no .lock, no tmp
+    assert not any(p.name.endswith(".lock") for p in (a / "engines").iterdir())
+    # a cache from another TensorRT/GPU is not used (said so) and is replaced
+    cache.write_bytes(json.dumps({"owner": "TensorRT 9.0 on Other GPU", "entries": ["x"]}).encode())
+    msgs.clear()
+    c = _copy(artifacts["b64"], tmp_path / "c")
+    trt_build.build_engines(c, timing_cache=cache, progress=msgs.append)
+    assert any("another TensorRT version or GPU" in m for m in msgs)
+    assert "x" not in json.loads(cache.read_bytes())["entries"]
+
+
+def test_timing_cache_that_cannot_be_written_is_refused_first(fakes, artifacts, tmp_path):
+    art = _copy(artifacts["b64"], tmp_path / "a")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(FeatherError, match="cannot create the timing cache directory"):
+        trt_build.build_engines(art, timing_cache=blocker / "timing.cache", progress=lambda m: None)
+    with pytest.raises(FeatherError, match="is a directory"):
+        trt_build.build_engines(art, timing_cache=tmp_path, progress=lambda m: None)
+    assert fakes.compiled == [] and not (art / "engines").exists()
+    assert trt_build.main([str(art), "--timing-cache", str(blocker / "x")]) == 2
+
+
+def test_runners_keep_no_input_buffers(fakes, artifacts, tmp_path):
+    """A runner allocates its outputs only: inputs (the static KV caches among them) are the
+    caller's buffers. ``run`` stages host inputs lazily, at their size."""
+    from feather_runtime.backends.tensorrt import TensorRTBackend
+
+    art = _copy(artifacts["b144"], tmp_path / "s")
+    trt_build.build_engines(art, progress=lambda m: None)
+    manifest = load_manifest(art)
+    backend = TensorRTBackend()
+    backend.load(art, manifest.segment("embed"))             # the shared scratch exists now
+    before = sum(len(b) for b in fakes.cuda.memory.values())
+    runner = backend.load(art, manifest.segment("decoder_0_1"))
+    allocated = sum(len(b) for b in fakes.cuda.memory.values()) - before
+    assert set(runner.buffers) == set(runner.outputs)
+    assert allocated == sum(max(runner.capacity[n], 256) for n in runner.outputs)
+    assert any(n.startswith("past_key_values") for n in runner.inputs)
+
+    ref = Pipeline.load(art, backend="onnxruntime-cpu").runners["decoder_0_1"]
+    seg = manifest.segment("decoder_0_1")
+    rng = np.random.default_rng(0)
+
+    def feeds(seq):
+        out = {}
+        for i in seg.inputs:
+            shape = [{"seq": seq, "capacity": 0}.get(d, d) for d in i["shape"]]
+            if i["name"] == "position_ids":
+                out[i["name"]] = np.arange(seq, dtype=np.int64)[None]
+            elif i["name"] == "past_length":
+                out[i["name"]] = np.zeros(shape, np.int64)
+            else:
+                out[i["name"]] = rng.standard_normal(shape).astype(np.dtype(i["dtype"]))
+        return out
+
+    largest = {}
+    for seq in (600, 580, 640):                 # grows only when a call needs more
+        f = feeds(seq)
+        got, want = runner.run(f), ref.run(f)
+        for n in want:
+            np.testing.assert_allclose(got[n], want[n], rtol=0, atol=1e-5)
+        largest = {n: max(largest.get(n, 0), a.nbytes, 256) for n, a in f.items()}
+        assert {n: size for n, (_, size) in runner._staging.items()} == largest
+    assert largest["inputs_embeds"] < runner_capacity_bound(runner, seg)
+    backend.close()
+    assert fakes.cuda.memory == {}
+
+
+def runner_capacity_bound(runner, seg) -> int:
+    """What the old eager staging held for ``inputs_embeds``: its largest profile shape."""
+    k = runner.ranges[0]["inputs_embeds"][1]
+    return int(np.prod(k)) * runner.dtypes["inputs_embeds"].itemsize
+
+
+def test_plugin_library_must_match_the_build(fakes, artifacts, tmp_path, monkeypatch):
+    from feather_runtime.backends.tensorrt import PLUGIN_ENV, TensorRTBackend
+
+    art = _copy(artifacts["plugin_only"], tmp_path / "p")
+    lib = tmp_path / "libfeather_plugin.so"
+    lib.write_bytes(b"\x7fELF fake v1")
+    trt_build.build_engines(art, plugin_library=lib, progress=lambda m: None)
+    manifest = load_manifest(art)
+    TensorRTBackend().load(art, manifest.segment("select_1"))
+    other = tmp_path / "other.so"
+    other.write_bytes(b"\x7fELF fake v2")
+    monkeypatch.setenv(PLUGIN_ENV, str(other))
+    with pytest.raises(FeatherError, match="is not the one the engines were built with"):
+        TensorRTBackend().load(art, manifest.segment("select_1"))
+    monkeypatch.delenv(PLUGIN_ENV)
+    lib.write_bytes(b"\x7fELF fake v3")                     # rebuilt in place since the build
+    with pytest.raises(FeatherError, match="is not the one the engines were built with"):
+        TensorRTBackend().load(art, manifest.segment("select_1"))
+
+
+def test_cuda_python_for_a_newer_driver_is_refused(fakes, monkeypatch):
+    from feather_runtime.backends.tensorrt import TensorRTBackend
+
+    monkeypatch.setattr(sys.modules["cuda.bindings"], "__version__", "13.0.1")
+    with pytest.raises(FeatherError, match=r"cuda-python 13.0.1 needs a CUDA 13 driver; this driver "
+                                           r"supports CUDA 12.6.*cuda-python>=12.6,<13"):
+        TensorRTBackend()
+    fakes.cuda.driver_version = 13000
+    TensorRTBackend().close()
+    fakes.cuda.driver_version = 0                            # no driver: the first call says so
+    TensorRTBackend().close()
+
+
+def test_trt_extras_pin_cuda_python_to_the_driver_generation():
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    assert "cuda-python>=12.6,<13" in extras["trt"] and "tensorrt-cu12>=10.3,<12" in extras["trt"]
+    assert "cuda-python>=13,<14" in extras["trt-cu13"]
+    assert any(r.startswith("tensorrt-cu13>=") and r.endswith(",<12") for r in extras["trt-cu13"])
+
+
+def test_tie_order_note_where_the_function_body_runs(fakes_any, artifacts, tmp_path):
+    """SelectTokens as the function body runs TensorRT's TopK (tie order undocumented): the build
+    says so once; with the plugin in the engine it does not."""
+    lib = tmp_path / "libfeather_plugin.so"
+    lib.write_bytes(b"\x7fELF fake")
+    msgs = []
+    a = _copy(artifacts["b144"], tmp_path / "a")
+    trt_build.build_engines(a, progress=msgs.append)
+    assert sum("does not document the order among equal scores" in m for m in msgs) == 1
+    msgs.clear()
+    trt_build.build_engines(a, progress=msgs.append)                # all up to date: said again
+    assert sum("equal scores" in m for m in msgs) == 1 and sum("up to date" in m for m in msgs) == 7
+    msgs.clear()
+    trt_build.build_engines(_copy(artifacts["plugin_only"], tmp_path / "b"), plugin_library=lib,
+                            progress=msgs.append)
+    assert not any("equal scores" in m for m in msgs)
+    msgs.clear()
+    trt_build.build_engines(_copy(artifacts["b144"], tmp_path / "c"), plugin_library=lib,
+                            progress=msgs.append)
+    old = fakes_any.trt.module.__version__.startswith("10.3")    # < 10.7: the body wins
+    assert any("equal scores" in m for m in msgs) == old
+
+
+@pytest.mark.parametrize("version,reader", [("10.3.0", "IStreamReader"), ("10.7.0", "IStreamReaderV2"),
+                                            ("11.4.0", "IStreamReaderV2")])
+def test_plan_reader_per_tensorrt_generation(version, reader, tmp_path, monkeypatch):
+    """10.3-10.6: IStreamReader; 10.7+ has both and IStreamReaderV2 is used; 11 has only V2."""
+    from feather_runtime.backends.tensorrt import _stream_reader_class
+
+    trt = FakeTensorRT(FakeCuda(), version).module
+    cls = _stream_reader_class(trt)
+    assert getattr(trt, reader) in cls.__mro__
+    plan = tmp_path / "plan"
+    plan.write_bytes(b"0123456789" * 1000)
+    with open(plan, "rb") as f:
+        r = cls(f)
+        if reader == "IStreamReaderV2":
+            assert r.seek(5, trt.SeekPosition.SET) and r.read(3, 0x5EED) == b"567"
+            assert r.seek(-2, trt.SeekPosition.END) and r.read(10, 0) == b"89"
+            assert r.seek(0, trt.SeekPosition.SET) and len(r.read(1 << 20, 0)) == 10000
+        else:
+            assert len(r.read(1 << 20)) == 10000

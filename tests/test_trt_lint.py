@@ -22,7 +22,7 @@ def _i64(name, values):
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
 
-def _topk_model(k_value=None, k_from_input=False):
+def _topk_model(k_value=None, k_from_input=False, **attrs):
     """x[1,4096] -> TopK(k) -> values, indices."""
     inputs = [helper.make_tensor_value_info("x", F, [1, 4096])]
     inits = []
@@ -30,7 +30,7 @@ def _topk_model(k_value=None, k_from_input=False):
         inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
     else:
         inits.append(_i64("k", [k_value]))
-    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=-1)
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=-1, **attrs)
     outputs = [helper.make_tensor_value_info("v", F, None), helper.make_tensor_value_info("i", TensorProto.INT64, None)]
     return _model([node], inputs, outputs, inits)
 
@@ -77,7 +77,19 @@ def test_unsupported_op_is_an_error():
 
 
 def test_topk_constant_k_within_limit_is_clean():
-    assert lint_model(_topk_model(3840)) == []
+    assert lint_model(_topk_model(3839)) == []
+
+
+def test_topk_k_must_be_less_than_3840():
+    """onnx-tensorrt docs/operators.md: "`K` input must be less than 3840"."""
+    errors = _errors(lint_model(_topk_model(3840)))
+    assert len(errors) == 1 and errors[0].node == "topk"
+    assert "K = 3840" in errors[0].reason and "less than 3840" in errors[0].reason
+
+
+def test_topk_unsorted_is_an_error():
+    errors = _errors(lint_model(_topk_model(8, sorted=0)))
+    assert [(e.node, e.op_type) for e in errors] == [("topk", "TopK")] and "sorted=1" in errors[0].reason
 
 
 def test_topk_k_above_limit_is_an_error():
@@ -167,6 +179,22 @@ def test_function_topk_k_from_caller_initializer():
                     helper.make_tensor_value_info("i", TensorProto.INT64, None)],
                    initializers=[_i64("kk", [4])], functions=[fn], extra_opsets=[helper.make_opsetid("feather", 1)])
     assert lint_model(model) == []
+
+
+def test_select_tokens_function_body_warns_about_tie_order(tmp_path):
+    """Where the users meet it: `feather-export check` on an exported artifact names the tie-order
+    risk of the function body (TensorRT's TopK) once per selection node; a --trt-plugin-only
+    artifact has no body and no such warning."""
+    from feather_export.export.artifact import ExportOptions, export
+
+    art = export("tiny", tmp_path / "a", ExportOptions(method="feather"), progress=lambda m: None)
+    ties = [f for f in check_artifact(art) if "equal scores" in f.reason]
+    assert [(f.segment, f.op_type, f.severity) for f in ties] == [
+        ("select_1", "SelectTokens", "warning"), ("select_2", "SelectTokens", "warning")]
+    assert "TensorRT <= 10.6" in ties[0].reason and "--trt-plugin-only" in ties[0].reason
+    plugin = export("tiny", tmp_path / "p", ExportOptions(method="feather", trt_plugin_only=True),
+                    progress=lambda m: None)
+    assert not any("equal scores" in f.reason for f in check_artifact(plugin))
 
 
 def test_custom_domain_without_function_is_a_plugin_warning():

@@ -160,6 +160,18 @@ def test_precision_rules(artifacts):
     assert "--fp16" in _plans(artifacts["feather"], "fp16")["vision"].trtexec_command()
 
 
+def test_precision_rules_on_strongly_typed_only_tensorrt(artifacts):
+    """TensorRT 11: the artifact's dtype, strongly typed; any other precision is refused."""
+    assert resolve_precision("fp32", None, strongly_typed_only="11.4.0") == ("fp32", True)
+    assert resolve_precision("fp16", "fp16", strongly_typed_only="11.4.0") == ("fp16", True)
+    for dtype, precision in (("fp32", "fp16"), ("fp32", "bf16"), ("fp16", "fp32")):
+        with pytest.raises(FeatherError, match=f"TensorRT 11.4.0 builds strongly typed networks only.*"
+                                               f"artifact's dtype, {dtype}.*--dtype {precision}"):
+            resolve_precision(dtype, precision, strongly_typed_only="11.4.0")
+    plans = plan_engines(artifacts["fp16"], strongly_typed_only="11.0.0")
+    assert all(p.strongly_typed and p.precision == "fp16" for p in plans)
+
+
 def test_trtexec_commands(artifacts):
     plans = _plans(artifacts["feather"])
     cmd = format_command(plans["embed"].trtexec_command("ART"))

@@ -11,6 +11,7 @@
  * thousand image tokens, so the O(N^2) rank count costs microseconds.
  */
 #include "select_tokens_kernel.h"
+#include "score_keys.cuh"
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -33,27 +34,7 @@ __host__ __device__ __forceinline__ bool isForcedGrid(int32_t i, int32_t gridSid
     return (r % gridStride == 0) && (c % gridStride == 0);
 }
 
-// Monotone map float -> uint32 (larger score -> larger key).
-// NaN -> 0, strictly below the key of -inf (0x007FFFFF); -0.0 is canonicalised to +0.0.
-__device__ __forceinline__ uint32_t scoreKey(float s)
-{
-    if (s != s)
-    {
-        return 0u;
-    }
-    if (s == 0.0f)
-    {
-        s = 0.0f;
-    }
-    uint32_t const b = __float_as_uint(s);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-// Composite key, larger = better; lower index wins ties. Never 0 for a valid index.
-__device__ __forceinline__ uint64_t tokenKey(float s, int32_t i)
-{
-    return (static_cast<uint64_t>(scoreKey(s)) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(i));
-}
+using feather::tokenKey;
 
 // flags[i] = 1 if token i is kept (forced grid, or rank among non-grid < quota), else 0.
 __global__ void __launch_bounds__(kRankBlock) rankSelectKernel(
@@ -197,6 +178,24 @@ __global__ void gatherRowsKernel(U const* __restrict__ src, U* __restrict__ dst,
     }
 }
 
+// Launch errors. A <<<>>> launch reports a failure only through the host thread's "last error"
+// slot, which any earlier CUDA runtime call in this thread may have left set (another library's
+// failed launch that it never checked). Reading the slot after our launch alone would fail our
+// enqueue on that stale error, and cudaPeekAtLastError() would not help: a successful launch does
+// not reset the slot, and peeking does not clear it. So the slot is cleared right before each
+// launch (which discards only an error its owner already ignored) and read, and cleared, right
+// after it: what it then holds is this launch's error. A sticky error (a corrupted context)
+// cannot be cleared and is reported by the launch again, as it must be.
+void clearStaleLaunchError()
+{
+    static_cast<void>(cudaGetLastError());
+}
+
+int launchStatus()
+{
+    return cudaGetLastError() == cudaSuccess ? FEATHER_SELECT_OK : FEATHER_SELECT_ERR_CUDA;
+}
+
 template <typename U>
 int launchGather(void const* src, void* dst, int64_t seqLen, int64_t outRows, int64_t rowBytes, int32_t n,
     int32_t budget, int64_t const* imageStart, int64_t const* kept, cudaStream_t stream)
@@ -215,9 +214,10 @@ int launchGather(void const* src, void* dst, int64_t seqLen, int64_t outRows, in
     gy = gy < 1 ? 1 : (gy > 65535 ? 65535 : gy);
     dim3 const block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
     dim3 const grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    clearStaleLaunchError();
     gatherRowsKernel<U><<<grid, block, 0, stream>>>(static_cast<U const*>(src), static_cast<U*>(dst), seqLen,
         outRows, units, n, budget, imageStart, kept);
-    return cudaGetLastError() == cudaSuccess ? FEATHER_SELECT_OK : FEATHER_SELECT_ERR_CUDA;
+    return launchStatus();
 }
 
 size_t alignUp(size_t x, size_t a)
@@ -302,17 +302,14 @@ int feather_select_tokens(const float* scores, int32_t n, int32_t budget, int32_
     int32_t const gridStride = grid_stride > 0 ? grid_stride : 0;
 
     unsigned const rankBlocks = static_cast<unsigned>((n + kRankBlock - 1) / kRankBlock);
+    clearStaleLaunchError();
     rankSelectKernel<<<rankBlocks, kRankBlock, 0, stream>>>(scores, n, quota, gridSide, gridStride, flags);
-    if (cudaGetLastError() != cudaSuccess)
+    if (launchStatus() != FEATHER_SELECT_OK)
     {
         return FEATHER_SELECT_ERR_CUDA;
     }
     compactKernel<<<1, kCompactBlock, 0, stream>>>(flags, n, kept_out, budget);
-    if (cudaGetLastError() != cudaSuccess)
-    {
-        return FEATHER_SELECT_ERR_CUDA;
-    }
-    return FEATHER_SELECT_OK;
+    return launchStatus();
 }
 
 int feather_gather_rows(const void* src, void* dst, int64_t seq_len, int64_t num_cols, int32_t elem_bytes, int32_t n,

@@ -50,7 +50,8 @@ enum FeatherSelectStatus
     FEATHER_SELECT_OK = 0,
     FEATHER_SELECT_ERR_INVALID_ARGUMENT = 1, /* bad n / budget / grid parameters / null pointer */
     FEATHER_SELECT_ERR_WORKSPACE = 2,        /* workspace missing or smaller than feather_select_workspace_bytes(n) */
-    FEATHER_SELECT_ERR_CUDA = 3              /* a kernel launch failed (cudaGetLastError) */
+    FEATHER_SELECT_ERR_CUDA = 3              /* a kernel launch failed (cudaGetLastError after it; a
+                                                stale error from before the launch is cleared) */
 };
 
 /* Human-readable text for a FeatherSelectStatus value. */

@@ -7,6 +7,8 @@
  * IErrorRecorder handed over in attachToContext().
  */
 #include "select_tokens_plugin.h"
+#include "btp_select_plugin.h"
+#include "plugin_common.h"
 #include "select_tokens_kernel.h"
 
 #include <cstdio>
@@ -36,110 +38,14 @@ namespace plugin
 namespace
 {
 
-// ---------------------------------------------------------------- logging
-
-class LoggerFinderHolder
-{
-public:
-    void set(nvinfer1::ILoggerFinder* finder) noexcept
-    {
-        std::lock_guard<std::mutex> lock(mMutex);
-        if (finder != nullptr)
-        {
-            mFinder = finder;
-        }
-    }
-
-    ILogger* get() noexcept
-    {
-        std::lock_guard<std::mutex> lock(mMutex);
-        return mFinder != nullptr ? mFinder->findLogger() : nullptr;
-    }
-
-private:
-    std::mutex mMutex;
-    nvinfer1::ILoggerFinder* mFinder{nullptr};
-};
-
-LoggerFinderHolder& loggerFinder() noexcept
-{
-    static LoggerFinderHolder holder;
-    return holder;
-}
-
 void logMessage(ILogger::Severity severity, std::string const& msg) noexcept
 {
-    try
-    {
-        std::string const text = std::string("[feather::SelectTokens] ") + msg;
-        if (ILogger* logger = loggerFinder().get())
-        {
-            logger->log(severity, text.c_str());
-        }
-        else if (severity <= ILogger::Severity::kWARNING)
-        {
-            std::fprintf(stderr, "%s\n", text.c_str());
-        }
-    }
-    catch (...)
-    {
-        // Logging must never throw out of a noexcept TensorRT callback.
-    }
+    logOpMessage(kSELECT_TOKENS_PLUGIN_NAME, severity, msg);
 }
 
 void logError(std::string const& msg) noexcept
 {
     logMessage(ILogger::Severity::kERROR, msg);
-}
-
-// ---------------------------------------------------------------- helpers
-
-bool isHiddenType(DataType t) noexcept
-{
-    return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16;
-}
-
-int32_t elementBytes(DataType t) noexcept
-{
-    return t == DataType::kFLOAT ? 4 : 2;
-}
-
-bool dimMatches(int64_t actual, int64_t expected) noexcept
-{
-    return actual < 0 || actual == expected; // -1 = not known yet (build phase)
-}
-
-bool isScalarLike(nvinfer1::Dims const& d) noexcept
-{
-    return d.nbDims == 0 || (d.nbDims == 1 && dimMatches(d.d[0], 1));
-}
-
-//! Read an integer plugin field (kINT32 as produced by the ONNX parser; kINT8/16/64 accepted too).
-bool readIntField(PluginField const& f, int32_t& value, std::string& error)
-{
-    if (f.data == nullptr || f.length < 1)
-    {
-        error = std::string("field '") + f.name + "' has no data";
-        return false;
-    }
-    int64_t v = 0;
-    switch (f.type)
-    {
-    case PluginFieldType::kINT32: v = *static_cast<int32_t const*>(f.data); break;
-    case PluginFieldType::kINT64: v = *static_cast<int64_t const*>(f.data); break;
-    case PluginFieldType::kINT16: v = *static_cast<int16_t const*>(f.data); break;
-    case PluginFieldType::kINT8: v = *static_cast<int8_t const*>(f.data); break;
-    default:
-        error = std::string("field '") + f.name + "' must be an integer (kINT32)";
-        return false;
-    }
-    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
-    {
-        error = std::string("field '") + f.name + "' is out of int32 range";
-        return false;
-    }
-    value = static_cast<int32_t>(v);
-    return true;
 }
 
 } // namespace
@@ -182,62 +88,10 @@ SelectTokensPlugin::SelectTokensPlugin(SelectTokensParams params)
 }
 
 SelectTokensPlugin::SelectTokensPlugin(SelectTokensPlugin const& other)
-    : nvinfer1::IPluginV3(other)
-    , nvinfer1::IPluginV3OneCore(other)
-    , nvinfer1::IPluginV3OneBuild(other)
-    , nvinfer1::IPluginV3OneRuntime(other)
+    : SelectPluginBase<SelectTokensPlugin>(other)
     , mParams(other.mParams)
-    , mErrorRecorder(other.mErrorRecorder)
 {
     // mSerializedFields points into mParams: rebuilt on demand by getFieldsToSerialize().
-}
-
-nvinfer1::IPluginCapability* SelectTokensPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-nvinfer1::IPluginV3* SelectTokensPlugin::clone() noexcept
-{
-    try
-    {
-        return new SelectTokensPlugin(*this);
-    }
-    catch (std::exception const& e)
-    {
-        logError(std::string("clone failed: ") + e.what());
-    }
-    catch (...)
-    {
-        logError("clone failed");
-    }
-    return nullptr;
-}
-
-char const* SelectTokensPlugin::getPluginName() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAME;
-}
-
-char const* SelectTokensPlugin::getPluginVersion() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_VERSION;
-}
-
-char const* SelectTokensPlugin::getPluginNamespace() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAMESPACE;
-}
-
-int32_t SelectTokensPlugin::getNbOutputs() const noexcept
-{
-    return kNB_OUTPUTS;
 }
 
 int32_t SelectTokensPlugin::getOutputDataTypes(
@@ -403,27 +257,6 @@ bool SelectTokensPlugin::checkDescs(
     return true;
 }
 
-int32_t SelectTokensPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    if (in == nullptr || out == nullptr || nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
-    {
-        reportError("configurePlugin: expected 4 inputs and 3 outputs");
-        return -1;
-    }
-    PluginTensorDesc inDescs[kNB_INPUTS];
-    PluginTensorDesc outDescs[kNB_OUTPUTS];
-    for (int32_t i = 0; i < kNB_INPUTS; ++i)
-    {
-        inDescs[i] = in[i].desc;
-    }
-    for (int32_t i = 0; i < kNB_OUTPUTS; ++i)
-    {
-        outDescs[i] = out[i].desc;
-    }
-    return checkDescs(inDescs, nbInputs, outDescs, nbOutputs, "configurePlugin") ? 0 : -1;
-}
-
 size_t SelectTokensPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
@@ -445,12 +278,6 @@ char const* SelectTokensPlugin::getMetadataString() noexcept
     {
         return nullptr;
     }
-}
-
-int32_t SelectTokensPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    return checkDescs(in, nbInputs, out, nbOutputs, "onShapeChange") ? 0 : -1;
 }
 
 int32_t SelectTokensPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -493,16 +320,6 @@ int32_t SelectTokensPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTen
     return 0;
 }
 
-nvinfer1::IPluginV3* SelectTokensPlugin::attachToContext(nvinfer1::IPluginResourceContext* context) noexcept
-{
-    auto* cloned = static_cast<SelectTokensPlugin*>(clone());
-    if (cloned != nullptr)
-    {
-        cloned->mErrorRecorder = context != nullptr ? context->getErrorRecorder() : nullptr;
-    }
-    return cloned;
-}
-
 PluginFieldCollection const* SelectTokensPlugin::getFieldsToSerialize() noexcept
 {
     try
@@ -525,46 +342,14 @@ PluginFieldCollection const* SelectTokensPlugin::getFieldsToSerialize() noexcept
     }
 }
 
-void SelectTokensPlugin::reportError(char const* msg) const noexcept
-{
-    logError(msg);
-    if (mErrorRecorder != nullptr)
-    {
-        mErrorRecorder->reportError(nvinfer1::ErrorCode::kFAILED_EXECUTION, msg);
-    }
-}
-
 // ================================================================ SelectTokensPluginCreator
 
 SelectTokensPluginCreator::SelectTokensPluginCreator()
+    : SelectCreatorBase(kSELECT_TOKENS_PLUGIN_NAME,
+        {{"budget", nullptr, PluginFieldType::kINT32, 1}, {"num_image_tokens", nullptr, PluginFieldType::kINT32, 1},
+          {"grid_side", nullptr, PluginFieldType::kINT32, 1}, {"grid_stride", nullptr, PluginFieldType::kINT32, 1},
+          {"criterion", nullptr, PluginFieldType::kCHAR, 1}})
 {
-    mFieldNames.emplace_back("budget", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("num_image_tokens", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("grid_side", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("grid_stride", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("criterion", nullptr, PluginFieldType::kCHAR, 1);
-    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
-    mFieldCollection.fields = mFieldNames.data();
-}
-
-char const* SelectTokensPluginCreator::getPluginName() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAME;
-}
-
-char const* SelectTokensPluginCreator::getPluginVersion() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_VERSION;
-}
-
-char const* SelectTokensPluginCreator::getPluginNamespace() const noexcept
-{
-    return kSELECT_TOKENS_PLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* SelectTokensPluginCreator::getFieldNames() noexcept
-{
-    return &mFieldCollection;
 }
 
 nvinfer1::IPluginV3* SelectTokensPluginCreator::createPlugin(
@@ -672,6 +457,10 @@ struct StaticRegistration
             {
                 logError("static registration of feather::SelectTokens failed (already registered?)");
             }
+            if (!registry->registerCreator(selectBalancedCreator(), kSELECT_TOKENS_PLUGIN_NAMESPACE))
+            {
+                logError("static registration of feather::SelectBalanced failed (already registered?)");
+            }
         }
     }
 };
@@ -702,7 +491,8 @@ extern "C" FEATHER_PLUGIN_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* f
 
 extern "C" FEATHER_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&feather::plugin::creatorInstance()};
+    static nvinfer1::IPluginCreatorInterface* const kCreators[]
+        = {&feather::plugin::creatorInstance(), &feather::plugin::selectBalancedCreator()};
     nbCreators = static_cast<int32_t>(sizeof(kCreators) / sizeof(kCreators[0]));
     return kCreators;
 }

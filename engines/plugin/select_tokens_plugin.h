@@ -17,6 +17,8 @@
 #ifndef FEATHER_SELECT_TOKENS_PLUGIN_H
 #define FEATHER_SELECT_TOKENS_PLUGIN_H
 
+#include "plugin_common.h"
+
 #include <NvInferRuntime.h>
 #include <NvInferVersion.h>
 
@@ -34,8 +36,8 @@ namespace plugin
 {
 
 constexpr char const* kSELECT_TOKENS_PLUGIN_NAME{"SelectTokens"};
-constexpr char const* kSELECT_TOKENS_PLUGIN_VERSION{"1"};
-constexpr char const* kSELECT_TOKENS_PLUGIN_NAMESPACE{"feather"};
+constexpr char const* kSELECT_TOKENS_PLUGIN_VERSION{kPLUGIN_VERSION};
+constexpr char const* kSELECT_TOKENS_PLUGIN_NAMESPACE{kPLUGIN_NAMESPACE};
 
 struct SelectTokensParams
 {
@@ -49,10 +51,7 @@ struct SelectTokensParams
 //! Validate parameters. Returns an empty string when valid, otherwise a description of the problem.
 std::string validateSelectTokensParams(SelectTokensParams const& p);
 
-class SelectTokensPlugin final : public nvinfer1::IPluginV3,
-                                 public nvinfer1::IPluginV3OneCore,
-                                 public nvinfer1::IPluginV3OneBuild,
-                                 public nvinfer1::IPluginV3OneRuntime
+class SelectTokensPlugin final : public SelectPluginBase<SelectTokensPlugin>
 {
 public:
     //! \p params must already be validated (see SelectTokensPluginCreator::createPlugin).
@@ -61,18 +60,7 @@ public:
     SelectTokensPlugin& operator=(SelectTokensPlugin const&) = delete;
     ~SelectTokensPlugin() override = default;
 
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
     // IPluginV3OneBuild
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
         nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
     int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
@@ -80,52 +68,40 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     char const* getMetadataString() noexcept override;
 
     // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
+    static constexpr char const* kOP_NAME{kSELECT_TOKENS_PLUGIN_NAME};
     static constexpr int32_t kNB_INPUTS{4};
     static constexpr int32_t kNB_OUTPUTS{3};
 
 private:
-    //! Shared shape/type check used by configurePlugin (build) and onShapeChange (runtime).
+    friend class SelectPluginBase<SelectTokensPlugin>;
+    //! Shape/type check used by configurePlugin (build) and onShapeChange (runtime).
     //! Dimensions equal to -1 (unknown at build time) are not checked.
     bool checkDescs(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs, char const* where) const noexcept;
-    void reportError(char const* msg) const noexcept;
 
     SelectTokensParams mParams;
-    nvinfer1::IErrorRecorder* mErrorRecorder{nullptr};
     std::vector<nvinfer1::PluginField> mSerializedFields;
     nvinfer1::PluginFieldCollection mSerializedCollection{};
     std::string mMetadata;
 };
 
-class SelectTokensPluginCreator final : public nvinfer1::IPluginCreatorV3One
+class SelectTokensPluginCreator final : public SelectCreatorBase
 {
 public:
     SelectTokensPluginCreator();
     ~SelectTokensPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mFieldNames;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
 } // namespace plugin

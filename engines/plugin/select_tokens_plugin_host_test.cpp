@@ -119,6 +119,122 @@ int32_t readInt(PluginFieldCollection const* fc, char const* name)
     return -12345;
 }
 
+// ---------------------------------------------------------------- SelectBalanced (BTP)
+
+struct BalancedFields
+{
+    int32_t budget{288};
+    int32_t n{576};
+    int32_t attention{86};
+    int32_t pool{318};
+    bool withPool{true};
+    std::vector<PluginField> list;
+    PluginFieldCollection fc{};
+
+    PluginFieldCollection const* build()
+    {
+        list.clear();
+        list.emplace_back("budget", &budget, PluginFieldType::kINT32, 1);
+        list.emplace_back("num_image_tokens", &n, PluginFieldType::kINT32, 1);
+        list.emplace_back("attention_count", &attention, PluginFieldType::kINT32, 1);
+        if (withPool)
+        {
+            list.emplace_back("candidate_count", &pool, PluginFieldType::kINT32, 1);
+        }
+        fc.nbFields = static_cast<int32_t>(list.size());
+        fc.fields = list.data();
+        return &fc;
+    }
+};
+
+void checkSelectBalanced(IPluginCreatorInterface* iface, TestLoggerFinder& finder)
+{
+    check(std::strcmp(iface->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0,
+        "SelectBalanced creator is an IPluginCreatorV3One");
+    auto* creator = static_cast<IPluginCreatorV3One*>(iface);
+    check(std::strcmp(creator->getPluginName(), "SelectBalanced") == 0
+            && std::strcmp(creator->getPluginVersion(), "1") == 0
+            && std::strcmp(creator->getPluginNamespace(), "feather") == 0,
+        "SelectBalanced name/version/namespace");
+    check(creator->getFieldNames() != nullptr && creator->getFieldNames()->nbFields == 4,
+        "SelectBalanced advertises 4 fields");
+    struct BadCase
+    {
+        char const* label;
+        void (*mutate)(BalancedFields&);
+    };
+    BadCase const bad[] = {
+        {"budget 0 (a 0-count stage has no node)", [](BalancedFields& f) { f.budget = 0; }},
+        {"budget > N", [](BalancedFields& f) { f.budget = 577; }},
+        {"attention_count > budget", [](BalancedFields& f) { f.attention = 289; }},
+        {"candidate_count < attention_count", [](BalancedFields& f) { f.pool = 85; }},
+        {"candidate_count > N", [](BalancedFields& f) { f.pool = 577; }},
+        {"missing candidate_count", [](BalancedFields& f) { f.withPool = false; }},
+    };
+    for (auto const& b : bad)
+    {
+        BalancedFields f;
+        b.mutate(f);
+        int const before = finder.logger.count;
+        IPluginV3* p = creator->createPlugin("bad", f.build(), TensorRTPhase::kBUILD);
+        check(p == nullptr && finder.logger.count > before, std::string("SelectBalanced rejects ") + b.label,
+            finder.logger.last);
+        delete p;
+    }
+    BalancedFields good;
+    IPluginV3* plugin = creator->createPlugin("balanced", good.build(), TensorRTPhase::kBUILD);
+    check(plugin != nullptr, "SelectBalanced plugin for budget=288 N=576 m=86 pool=318");
+    if (plugin == nullptr)
+    {
+        return;
+    }
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    check(build != nullptr && runtime != nullptr && build->getNbOutputs() == 3, "SelectBalanced capabilities, 3 outputs");
+    {
+        DataType in[6] = {DataType::kFLOAT, DataType::kFLOAT, DataType::kFLOAT, DataType::kBF16, DataType::kINT64,
+            DataType::kINT64};
+        DataType out[3] = {};
+        check(build->getOutputDataTypes(out, 3, in, 6) == 0 && out[0] == DataType::kINT64 && out[1] == DataType::kBF16
+                && out[2] == DataType::kINT64,
+            "SelectBalanced output types follow hidden");
+    }
+    int64_t const S = 35 + 576 + 20;
+    int64_t const Sout = S - 576 + 288;
+    std::vector<DynamicPluginTensorDesc> io = {desc(DataType::kFLOAT, {576}), desc(DataType::kFLOAT, {576, 2048}),
+        desc(DataType::kFLOAT, {576}), desc(DataType::kHALF, {1, S, 2048}), desc(DataType::kINT64, {1, S}),
+        desc(DataType::kINT64, {}), desc(DataType::kINT64, {288}), desc(DataType::kHALF, {1, Sout, 2048}),
+        desc(DataType::kINT64, {1, Sout})};
+    bool allSupported = true;
+    for (int32_t pos = 0; pos < 9; ++pos)
+    {
+        allSupported = allSupported && build->supportsFormatCombination(pos, io.data(), 6, 3);
+    }
+    check(allSupported, "SelectBalanced supportsFormatCombination accepts the fp16 combination");
+    {
+        auto wrong = io;
+        wrong[1].desc.type = DataType::kHALF;
+        check(!build->supportsFormatCombination(1, wrong.data(), 6, 3), "SelectBalanced features must be float32");
+    }
+    check(build->configurePlugin(io.data(), 6, io.data() + 6, 3) == 0, "SelectBalanced configurePlugin");
+    {
+        auto bad = io;
+        bad[2].desc.dims.d[0] = 575;
+        check(build->configurePlugin(bad.data(), 6, bad.data() + 6, 3) != 0,
+            "SelectBalanced configurePlugin rejects seed_priority != N");
+    }
+    check(build->getWorkspaceSize(io.data(), 6, io.data() + 6, 3) >= 576u * 576u * 4u + 576u * 2048u * 4u,
+        "SelectBalanced workspace holds D and the unit rows");
+    PluginFieldCollection const* ser = runtime->getFieldsToSerialize();
+    check(ser != nullptr && readInt(ser, "budget") == 288 && readInt(ser, "attention_count") == 86
+            && readInt(ser, "candidate_count") == 318 && readInt(ser, "num_image_tokens") == 576,
+        "SelectBalanced getFieldsToSerialize");
+    IPluginV3* restored = creator->createPlugin("restored", ser, TensorRTPhase::kRUNTIME);
+    check(restored != nullptr, "SelectBalanced rebuilt from serialized fields");
+    delete restored;
+    delete plugin;
+}
+
 } // namespace
 
 int main(int argc, char** argv)
@@ -150,11 +266,13 @@ int main(int argc, char** argv)
 
     int32_t nb = 0;
     IPluginCreatorInterface* const* creators = getCreators(nb);
-    check(nb == 1 && creators != nullptr && creators[0] != nullptr, "getCreators returns one creator");
-    if (nb != 1 || creators == nullptr || creators[0] == nullptr)
+    check(nb == 2 && creators != nullptr && creators[0] != nullptr && creators[1] != nullptr,
+        "getCreators returns two creators (SelectTokens, SelectBalanced)");
+    if (nb != 2 || creators == nullptr || creators[0] == nullptr || creators[1] == nullptr)
     {
         return 1;
     }
+    checkSelectBalanced(creators[1], finder);
     InterfaceInfo const info = creators[0]->getInterfaceInfo();
     check(std::strcmp(info.kind, "PLUGIN CREATOR_V3ONE") == 0 && info.major == 1,
         "creator is an IPluginCreatorV3One", info.kind);

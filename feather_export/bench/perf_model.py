@@ -160,9 +160,15 @@ def select_cost(llm: LlmGeometry, criterion: str, seq: int, num_in: int, keep: i
     out_seq = seq - num_in + keep
     if criterion == "fastervlm":                                       # select_0: gather only
         return Cost(0.0, float((num_in + keep) * d * elem + num_in * 4))
-    keys = num_in if criterion == "feather" else seq
+    gather = seq * d * elem + out_seq * d * elem + seq * 8
+    if criterion == "btp" and keep == 0:                               # drops every image row
+        return Cost(0.0, float(gather))
+    keys = seq if criterion == "fastv" else num_in
     flops = 2 * keys * llm.q_dim
-    act = (llm.q_dim + keys * llm.kv_dim) * elem + seq * d * elem + out_seq * d * elem + seq * 8
+    act = (llm.q_dim + keys * llm.kv_dim) * elem + gather
+    if criterion == "btp":     # unit rows, D = 1 - cos (n x n x d), the fill reads rows of D
+        flops += 3 * num_in * d + 2 * num_in * num_in * d + 2 * keep * num_in
+        act += 2 * num_in * d * 4 + num_in * num_in * 4 + keep * num_in * 4
     return Cost(float(flops), float(act))
 
 

@@ -15,12 +15,16 @@ EXIT_USER_ERROR = 2
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="feather", choices=["none", "feather", "fastv", "fastervlm"],
+    p.add_argument("--method", default="feather", choices=["none", "feather", "fastv", "fastervlm", "btp"],
                    help="pruning method")
     p.add_argument("--budget", type=int, help="image tokens kept by the first stage "
-                   "(default: a quarter of the image tokens, 144 on LLaVA-1.5)")
+                   "(default: a quarter of the image tokens, 144 on LLaVA-1.5; btp: its schedule's "
+                   "first count)")
     p.add_argument("--schedule", help="LAYER:COUNT,... e.g. 8:144,16:13, overrides the method's "
-                   "layers and counts (default: the method's schedule for this model)")
+                   "layers and counts; btp: a last count of 0 drops every image token (default: "
+                   "the method's schedule for this model)")
+    p.add_argument("--btp-lambda", help="BTP attention weights per stage, e.g. 0.3,0.9,1.0; stages "
+                   "beyond the list reuse its last weight (default: 0.3,0.9,1.0)")
     p.add_argument("--stride", type=int, help="FEATHER grid stride; 0 disables the grid (default: "
                    "the smallest s >= 3 with |grid| <= budget/2)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -39,7 +43,7 @@ def _export_options(args):
     from feather_export.export.artifact import ExportOptions
 
     return ExportOptions(method=args.method, budget=args.budget, schedule=args.schedule,
-                         stride=args.stride, dtype=args.dtype, max_text_tokens=args.max_text_tokens,
+                         stride=args.stride, btp_lambda=args.btp_lambda, dtype=args.dtype, max_text_tokens=args.max_text_tokens,
                          max_new_tokens=args.max_new_tokens, trt_plugin_only=args.trt_plugin_only)
 
 
@@ -120,10 +124,12 @@ def _engine_args(p: argparse.ArgumentParser, title: str) -> None:
     g = p.add_argument_group(title)
     g.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="engine precision (default: the artifact's --dtype, strongly typed; fp16/bf16 "
-                        "on an fp32 artifact lets TensorRT pick reduced-precision tactics)")
+                        "on an fp32 artifact lets TensorRT 10.x pick reduced-precision tactics; "
+                        "TensorRT 11 builds the artifact's dtype only)")
     g.add_argument("--plugin", help="libfeather_plugin.so (needed with --trt-plugin-only; default: "
                    "none, the selection runs as the op's ONNX function body)")
-    g.add_argument("--timing-cache", help="tactic timing cache (default: OUT/engines/timing.cache)")
+    g.add_argument("--timing-cache", help="tactic timing cache file, its directories created "
+                   "(default: OUT/engines/timing.cache)")
     g.add_argument("--workspace", type=int, metavar="MIB",
                    help="builder workspace limit in MiB (default: TensorRT's, the device memory)")
     g.add_argument("--reuse-engines", action="append", metavar="ARTIFACT",
@@ -212,7 +218,7 @@ def cmd_reference(args) -> int:
     ids = builder.build(args.prompt, model.config.image_seq_length)
     res = reference_generate(model, pixels, ids, method=args.method, budget=args.budget,
                              schedule=args.schedule, stride=args.stride,
-                             max_new_tokens=args.max_new_tokens)
+                             btp_lambda=args.btp_lambda, max_new_tokens=args.max_new_tokens)
     print(json.dumps({"text": builder.decode(res.token_ids), "token_ids": res.token_ids,
                       "kept": res.kept}))
     return 0
@@ -222,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     from feather_export import __version__
 
     parser = Parser(prog="feather-export", description=(
-        "Export LLaVA checkpoints into pruned ONNX segments (FEATHER, FastV, FasterVLM) and run them."))
+        "Export LLaVA checkpoints into pruned ONNX segments (FEATHER, FastV, FasterVLM, BTP) and run them."))
     parser.add_argument("--version", action="version", version=f"feather-export {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -289,21 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question about the image")
-    p.add_argument("--method", default="feather", choices=["none", "feather", "fastv", "fastervlm"],
+    p.add_argument("--method", default="feather", choices=["none", "feather", "fastv", "fastervlm", "btp"],
                    help="pruning method")
     p.add_argument("--budget", type=int, help="image tokens kept by the first stage (default: a "
                    "quarter of the image tokens)")
     p.add_argument("--schedule", help="LAYER:COUNT,... (default: the method's schedule)")
     p.add_argument("--stride", type=int, help="FEATHER grid stride; 0 disables the grid (default: "
                    "the smallest s >= 3 with |grid| <= budget/2)")
+    p.add_argument("--btp-lambda", help="BTP attention weights per stage (default: 0.3,0.9,1.0)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
     p.set_defaults(func=cmd_reference)
 
     from feather_export.cli.bench import add_bench_parser
+    from feather_export.cli.calibrate import add_calibrate_parser
     from feather_export.cli.eval import add_eval_parser
+    from feather_export.cli.serve import add_serve_parser
 
     add_bench_parser(sub)
     add_eval_parser(sub)
+    add_calibrate_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -32,6 +32,7 @@ class ExportOptions:
     budget: int | None = None
     schedule: str | None = None
     stride: int | None = None
+    btp_lambda: str | None = None
     dtype: str = "fp32"
     max_text_tokens: int = 512
     max_new_tokens: int = 512
@@ -58,10 +59,11 @@ def plan_segments(num_layers: int, cfg: PruneConfig) -> list[SegmentPlan]:
     decoder_stages = [i for i, s in enumerate(cfg.stages) if s.criterion != "fastervlm"]
     for span, (a, b) in enumerate(zip(bounds, bounds[1:])):
         has_select = b != num_layers
-        criterion = cfg.stages[decoder_stages[span]].criterion if has_select else None
+        stage = cfg.stages[decoder_stages[span]] if has_select else None
+        scored = stage is not None and stage.keep > 0      # a 0-count stage drops without scores
         plan.append(SegmentPlan(f"decoder_{a}_{b}", "decoder", (a, b),
-                                score_layer=b - 1 if has_select else None,
-                                score_criterion=criterion))
+                                score_layer=b - 1 if scored else None,
+                                score_criterion=stage.criterion if scored else None))
         if has_select:
             plan.append(SegmentPlan(f"select_{b}", "select", stage=decoder_stages[span]))
     return plan
@@ -75,7 +77,8 @@ def check_export(options: ExportOptions, geo, out: Path) -> PruneConfig:
         raise FeatherError("--max-text-tokens and --max-new-tokens must be at least 1")
     _check_output_dir(out)
     return PruneConfig.create(options.method, geo, budget=options.budget,
-                              schedule=options.schedule, stride=options.stride)
+                              schedule=options.schedule, stride=options.stride,
+                              btp_lambda=options.btp_lambda)
 
 
 def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,

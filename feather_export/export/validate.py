@@ -76,7 +76,8 @@ def _np_dtype(dtype: str):
 def _compare(segment, name, got, ref, dtype) -> OutputCheck:
     got, ref = np.asarray(got), np.asarray(ref)
     if name == "kept":
-        overlap = len(set(got.tolist()) & set(ref.tolist())) / max(len(ref), 1)
+        overlap = (len(set(got.tolist()) & set(ref.tolist())) / len(ref) if len(ref)
+                   else float(len(got) == 0))          # a 0-count stage keeps nothing
         need = MIN_KEPT_OVERLAP[dtype]
         return OutputCheck(segment, name, 1 - overlap, 1 - overlap, 1 - need, overlap >= need)
     if got.shape != ref.shape:
@@ -169,7 +170,8 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     from feather_export.methods.config import Stage
     from feather_export.onnx.select import score_input_names
     from feather_export.methods.reference import gather_sequence, select_stage
-    from feather_export.methods.scoring import fastv_scores, feather_scores, score_inputs
+    from feather_export.methods.scoring import (btp_logits, fastv_scores, feather_scores,
+                                                score_inputs)
 
     m = manifest["model"]
     stage = Stage(**manifest["prune"]["stages"][seg.stage])
@@ -187,17 +189,24 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     positions = np.sort(rng.choice(seq + 40, size=seq, replace=False)).astype(np.int64)[None]
     x, pos = torch.from_numpy(layer_input.astype(np.float32)), torch.from_numpy(positions)
     prev = lm.layers[stage.layer - 1]
+    features = hidden[0, start:start + n].astype(np.float32)
+    feeds = {"hidden_states": hidden, "position_ids": positions,
+             "image_start": np.asarray(start, np.int64)}
+    expected = {}
     if stage.criterion == "feather":
         scores = feather_scores(prev, x, start, n)
+    elif stage.criterion == "btp":
+        scores = btp_logits(prev, lm.rotary_emb, x, pos, start, n)
     else:
         scores = fastv_scores(prev, lm.rotary_emb, x, pos, start, n)
-    kept = select_stage(stage, scores, m["grid_side"])
-    query, keys = score_inputs(prev, lm.rotary_emb, x, pos, stage.criterion)
-    query_name, keys_name = score_input_names(stage)
-    feeds = {query_name: query.numpy().astype(np_dtype), keys_name: keys.numpy().astype(np_dtype),
-             "hidden_states": hidden, "position_ids": positions,
-             "image_start": np.asarray(start, np.int64)}
-    return feeds, {"scores": scores.numpy(), "kept": kept,
+    kept = select_stage(stage, scores, m["grid_side"], features)
+    if stage.keep > 0:               # a 0-count BTP stage drops every image row without scores
+        query, keys = score_inputs(prev, lm.rotary_emb, x, pos, stage.criterion)
+        query_name, keys_name = score_input_names(stage)
+        feeds.update({query_name: query.numpy().astype(np_dtype),
+                      keys_name: keys.numpy().astype(np_dtype)})
+        expected["scores"] = scores.numpy()
+    return feeds, {**expected, "kept": kept,
                    "pruned_hidden_states": gather_sequence(torch.from_numpy(hidden), start, n,
                                                             kept).numpy(),
                    "pruned_position_ids": gather_sequence(pos, start, n, kept).numpy()}

@@ -13,7 +13,8 @@ import numpy as np
 from feather_export.methods.config import PruneConfig, Stage
 from feather_export.errors import FeatherError
 from feather_export.models.geometry import geometry_of
-from feather_export.methods.selection import grid_mask, select_tokens
+from feather_export.methods.selection import (btp_select, farthest_point_seed, grid_mask,
+                                              select_tokens)
 
 
 @dataclass
@@ -25,11 +26,11 @@ class ReferenceResult:
 
 
 def resolve_prune_config(model, method="none", budget=None, schedule=None, stride=None,
-                         config: PruneConfig | None = None) -> PruneConfig:
+                         config: PruneConfig | None = None, btp_lambda=None) -> PruneConfig:
     if config is not None:
         return config
     return PruneConfig.create(method, geometry_of(model.config), budget=budget,
-                              schedule=schedule, stride=stride)
+                              schedule=schedule, stride=stride, btp_lambda=btp_lambda)
 
 
 def image_span(input_ids, image_token_id: int, num_image: int) -> int:
@@ -42,7 +43,11 @@ def image_span(input_ids, image_token_id: int, num_image: int) -> int:
     return int(where[0])
 
 
-def select_stage(stage: Stage, scores, side: int) -> np.ndarray:
+def select_stage(stage: Stage, scores, side: int, features=None) -> np.ndarray:
+    if stage.criterion == "btp":
+        seed = farthest_point_seed(side, stage.seed_count) if stage.seed_count else None
+        return btp_select(scores.detach().cpu().numpy(), features, stage.keep,
+                          stage.attention_count, stage.candidate_count, seed)
     forced = grid_mask(stage.num_in, side, stage.grid_stride)
     return select_tokens(scores.detach().cpu().numpy(), stage.keep, forced)
 
@@ -64,7 +69,7 @@ def _causal_mask(length: int, dtype):
 
 def reference_generate(model, pixel_values, input_ids, method: str = "none", budget=None,
                        schedule=None, stride=None, max_new_tokens: int = 16,
-                       config: PruneConfig | None = None) -> ReferenceResult:
+                       config: PruneConfig | None = None, btp_lambda=None) -> ReferenceResult:
     """Greedy generation with pruning as docs/design.md §4 specifies.
 
     ``pixel_values``: float [1, 3, H, W]; ``input_ids``: int [1, T] with the image token expanded
@@ -73,9 +78,10 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
     import torch
     from transformers import DynamicCache
 
-    from feather_export.methods.scoring import cls_attention_scores, fastv_scores, feather_scores
+    from feather_export.methods.scoring import (btp_logits, cls_attention_scores, fastv_scores,
+                                                feather_scores)
 
-    cfg = resolve_prune_config(model, method, budget, schedule, stride, config)
+    cfg = resolve_prune_config(model, method, budget, schedule, stride, config, btp_lambda)
     geo = geometry_of(model.config)
     input_ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long).reshape(1, -1)
     pixel_values = torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32)
@@ -107,12 +113,16 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
             stage = stages.get(index)
             if stage is not None:
                 prev = lm.layers[index - 1]
+                features = None
                 if stage.criterion == "feather":
                     scores = feather_scores(prev, layer_input, start, num_image)
+                elif stage.criterion == "btp":       # + the hidden states entering layer K
+                    scores = btp_logits(prev, lm.rotary_emb, layer_input, positions, start, num_image)
+                    features = hidden[0, start:start + num_image].float().numpy()
                 else:
                     scores = fastv_scores(prev, lm.rotary_emb, layer_input, positions,
                                           start, num_image)
-                kept = select_stage(stage, scores, geo.grid_side)
+                kept = select_stage(stage, scores, geo.grid_side, features)
                 result.scores.append(scores.numpy())
                 hidden = gather_sequence(hidden, start, num_image, kept)
                 positions = gather_sequence(positions, start, num_image, kept)

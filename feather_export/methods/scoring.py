@@ -57,14 +57,26 @@ def fastv_scores(layer, rotary, hidden_in, position_ids, image_start: int, num_i
     return probs[image_start:image_start + num_image]
 
 
+def btp_logits(layer, rotary, hidden_in, position_ids, image_start: int, num_image: int):
+    """BTP: the last token's *pre-softmax* logits q.k/sqrt(hd) with RoPE, mean over heads, image
+    columns (one query row, as fused attention computes it)."""
+    import torch
+
+    q, k, groups = _qk(layer, hidden_in)
+    q, k = _rope(rotary, hidden_in, position_ids, q, k)
+    k = torch.repeat_interleave(k[:, image_start:image_start + num_image], groups, dim=0)
+    logits = (q.float() @ k.float().transpose(1, 2)) * q.shape[-1] ** -0.5     # [H, 1, n]
+    return logits.mean(dim=0)[0]
+
+
 def score_inputs(layer, rotary, hidden_in, position_ids, criterion: str):
     """What an exported span hands its select segment, in the segment layout.
 
     Returns (query [1, 1, H, hd], keys heads-first [1, Hkv, S, hd]): FEATHER without RoPE, FastV
-    with it.
+    and BTP with it.
     """
     q, k, _ = _qk(layer, hidden_in)
-    if criterion == "fastv":
+    if criterion in ("fastv", "btp"):
         q, k = _rope(rotary, hidden_in, position_ids, q, k)
     return q.transpose(0, 1)[None], k[None]
 

@@ -113,14 +113,23 @@ def _scaled_logits(g: GraphBuilder, q5: str, k: str, head_dim: int) -> str:
                 g.const(np.float32(head_dim ** -0.5), np.float32))
 
 
+def attention_logits(g: GraphBuilder, q: str, k: str, groups: int, kv_heads: int,
+                     head_dim: int) -> str:
+    """Pre-softmax fp32 q.k/sqrt(hd) as [1, kv_heads, groups, S, T] (GQA by broadcasting).
+
+    q: [1, kv_heads*groups, S, hd]; k: [1, kv_heads, T, hd].
+    """
+    q5 = g.op("Reshape", q, g.const([1, kv_heads, groups, -1, head_dim]))
+    return _scaled_logits(g, q5, k, head_dim)
+
+
 def attention_probs(g: GraphBuilder, q: str, k: str, groups: int, kv_heads: int, head_dim: int,
                     mask: str | None) -> str:
     """Softmax(q.k/sqrt(hd) + mask) in fp32 as [1, kv_heads, groups, S, T] (GQA by broadcasting).
 
     q: [1, kv_heads*groups, S, hd]; k: [1, kv_heads, T, hd].
     """
-    q5 = g.op("Reshape", q, g.const([1, kv_heads, groups, -1, head_dim]))
-    logits = _scaled_logits(g, q5, k, head_dim)
+    logits = attention_logits(g, q, k, groups, kv_heads, head_dim)
     if mask is not None:
         logits = g.op("Add", logits, mask)
     return g.op("Softmax", logits, axis=-1)

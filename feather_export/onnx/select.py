@@ -5,6 +5,9 @@ before: the last position's query and the keys (FEATHER: before RoPE, image rows
 FastV: RoPE'd, the cached ``present.{K-1}.key``). Dot products and softmax run in fp32; no
 projection is recomputed and no weight is duplicated.
 FasterVLM (K = 0) selects image features with the vision segment's ``cls_scores``.
+BTP scores like FastV (RoPE'd query and ``present.{K-1}.key``, but pre-softmax logits over the image
+keys) and also takes the image rows of the span's hidden states, into one ``feather::SelectBalanced``
+(``btp_op.py``); its 0-count stage is a plain gather.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ import numpy as np
 from feather_export.methods.config import Stage
 from feather_export.onnx.decoder import attn_geometry
 from feather_export.onnx.graph import GraphBuilder
-from feather_export.onnx.layers import F32, attention_probs, heads_first
+from feather_export.onnx.layers import F32, attention_logits, attention_probs, heads_first
 from feather_export.onnx.select_op import select_function, select_node
 
 SELECT_OUTPUTS = ["kept", "pruned_hidden_states", "pruned_position_ids"]
+BTP_FILL = "loop"          # the greedy fill as an ONNX Loop (see benchmarks/btp_fill.py)
 
 
 def score_input_names(stage: Stage) -> tuple[str, str]:
@@ -29,17 +33,11 @@ def score_input_names(stage: Stage) -> tuple[str, str]:
 def build_select(model, stage: Stage, side: int, et: int):
     if stage.criterion == "fastervlm":
         return _build_vision_select(model, stage, side, et)
-    cfg = model.model.language_model.config
-    heads, kv_heads, head_dim = attn_geometry(cfg)
-    d, n = cfg.hidden_size, stage.num_in
-    g = GraphBuilder(f"select_{stage.layer}")
-    query_name, keys_name = score_input_names(stage)
-    query = g.input(query_name, et, [1, 1, heads, head_dim])
-    keys = g.input(keys_name, et, [1, kv_heads, "seq", head_dim])           # heads-first
-    hidden = g.input("hidden_states", et, [1, "seq", d])
-    positions = g.input("position_ids", 7, [1, "seq"])
-    start = g.input("image_start", 7, [])
-    image_rows = g.op("Add", g.op("Range", g.const(0), g.const(n), g.const(1)), start)
+    if stage.criterion == "btp":
+        return build_btp_select(model, stage, side, et)
+    g, (query, keys, hidden, positions, start, image_rows), (heads, kv_heads, head_dim, d) = \
+        _span_select_inputs(model, stage, et)
+    n = stage.num_in
     if stage.criterion == "feather":            # no rotary embedding, keys = current image tokens
         keys = g.op("Gather", keys, image_rows, axis=2)
     q, k = heads_first(g, g.op("Cast", query, to=F32)), g.op("Cast", keys, to=F32)
@@ -52,12 +50,80 @@ def build_select(model, stage: Stage, side: int, et: int):
     select_node(g, scores, hidden, positions, start, budget=stage.keep, num_image_tokens=n,
                 grid_side=side, grid_stride=stage.grid_stride, criterion=stage.criterion,
                 outputs=outs, name=f"SelectTokens_{stage.layer}")
-    for src_name, name, shape, t in zip(outs, SELECT_OUTPUTS,
-                                        ([stage.keep], [1, "pruned_seq", d], [1, "pruned_seq"]),
-                                        (7, et, 7)):
-        g.output(src_name, name, t, shape)
+    _outputs(g, outs, stage.keep, d, et)
     g.output(scores, "scores", F32, [n])
     return g.model([select_function()])
+
+
+def _span_select_inputs(model, stage: Stage, et: int):
+    """A select graph's inputs from the span before it, and the current image rows."""
+    cfg = model.model.language_model.config
+    heads, kv_heads, head_dim = attn_geometry(cfg)
+    d, n = cfg.hidden_size, stage.num_in
+    g = GraphBuilder(f"select_{stage.layer}")
+    query_name, keys_name = score_input_names(stage)
+    query = g.input(query_name, et, [1, 1, heads, head_dim])
+    keys = g.input(keys_name, et, [1, kv_heads, "seq", head_dim])           # heads-first
+    hidden = g.input("hidden_states", et, [1, "seq", d])
+    positions = g.input("position_ids", 7, [1, "seq"])
+    start = g.input("image_start", 7, [])
+    image_rows = g.op("Add", g.op("Range", g.const(0), g.const(n), g.const(1)), start)
+    return g, (query, keys, hidden, positions, start, image_rows), (heads, kv_heads, head_dim, d)
+
+
+def _outputs(g: GraphBuilder, sources, keep: int, d: int, et: int) -> None:
+    for src_name, name, shape, t in zip(sources, SELECT_OUTPUTS,
+                                        ([keep], [1, "pruned_seq", d], [1, "pruned_seq"]),
+                                        (7, et, 7)):
+        g.output(src_name, name, t, shape)
+
+
+def build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FILL):
+    """BTP (docs/design.md §4): pre-softmax RoPE logits of the last token over the image keys (mean over
+    heads) and the image rows of the hidden states entering layer K, into one
+    ``feather::SelectBalanced``; a 0-count stage drops every image row (no op: nothing to select)."""
+    from feather_export.methods.selection import farthest_point_seed
+    from feather_export.onnx.btp_op import balanced_function, balanced_node, seed_priority
+
+    if stage.keep == 0:
+        return _build_drop_all(model, stage, et)
+    g, (query, keys, hidden, positions, start, image_rows), (heads, kv_heads, head_dim, d) = \
+        _span_select_inputs(model, stage, et)
+    n = stage.num_in
+    outs = [f"{name}_sel" for name in SELECT_OUTPUTS]
+    keys = g.op("Gather", keys, image_rows, axis=2)                 # RoPE'd image keys
+    q, k = heads_first(g, g.op("Cast", query, to=F32)), g.op("Cast", keys, to=F32)
+    logits = attention_logits(g, q, k, heads // kv_heads, kv_heads, head_dim)   # [1,kvh,g,1,n]
+    logits = g.op("Reshape", g.op("ReduceMean", logits, axes=[0, 1, 2, 3], keepdims=0),
+                  g.const([-1]))
+    logits = g.op("Identity", logits, outputs=["scores"])
+    features = g.op("Reshape", g.op("Cast", g.op("Gather", hidden, image_rows, axis=1), to=F32),
+                    g.const([n, d]))
+    seed = farthest_point_seed(side, stage.seed_count) if stage.seed_count else []
+    balanced_node(g, logits, features, g.const(seed_priority(n, seed), np.float32), hidden,
+                  positions, start, budget=stage.keep, num_image_tokens=n,
+                  attention_count=stage.attention_count, candidate_count=stage.candidate_count,
+                  outputs=outs, name=f"SelectBalanced_{stage.layer}")
+    _outputs(g, outs, stage.keep, d, et)
+    g.output(logits, "scores", F32, [n])
+    steps = stage.keep - stage.attention_count
+    return g.model([balanced_function(fill, steps if fill == "unrolled" else None)])
+
+
+def _build_drop_all(model, stage: Stage, et: int):
+    """A 0-count stage: every image row is dropped (text rows in order), ``kept`` is empty."""
+    d, n = model.model.language_model.config.hidden_size, stage.num_in
+    g = GraphBuilder(f"select_{stage.layer}")
+    hidden = g.input("hidden_states", et, [1, "seq", d])
+    positions = g.input("position_ids", 7, [1, "seq"])
+    start = g.input("image_start", 7, [])
+    seq = g.op("Gather", g.op("Shape", hidden), g.const(1), axis=0)
+    text_rows = g.op("Concat", g.op("Range", g.const(0), start, g.const(1)),
+                     g.op("Range", g.op("Add", start, g.const(n)), seq, g.const(1)), axis=0)
+    sources = [g.op("Identity", g.const(np.zeros(0, np.int64))),
+               g.op("Gather", hidden, text_rows, axis=1), g.op("Gather", positions, text_rows, axis=1)]
+    _outputs(g, sources, 0, d, et)
+    return g.model()
 
 
 def _build_vision_select(model, stage: Stage, side: int, et: int):

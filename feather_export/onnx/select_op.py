@@ -23,29 +23,41 @@ ATTRIBUTES = ("budget", "num_image_tokens", "grid_side", "grid_stride", "criteri
               "plugin_namespace", "plugin_version")
 
 
-def select_function():
-    """The FunctionProto of ``feather::SelectTokens``."""
-    from onnx import AttributeProto, helper
+class FunctionBody:
+    """Collects the nodes of a function body: ``op`` (one output), ``attr_int`` (a Constant
+    bound to an int attribute of the calling node), ``const``."""
 
-    nodes = []
+    def __init__(self):
+        self.nodes = []
 
-    def op(op_type, inputs, output, **attrs):
-        nodes.append(helper.make_node(op_type, inputs, [output], **attrs))
+    def op(self, op_type, inputs, output, **attrs):
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op_type, inputs, [output], **attrs))
         return output
 
-    def attr_int(name):
+    def attr_int(self, name):
+        from onnx import AttributeProto, helper
+
         attr = helper.make_attribute_ref("value_int", AttributeProto.INT)
         attr.ref_attr_name = name
         node = helper.make_node("Constant", [], [f"attr_{name}"])
         node.attribute.append(attr)
-        nodes.append(node)
+        self.nodes.append(node)
         return f"attr_{name}"
 
-    def const(name, value, dtype=np.int64):
+    def const(self, name, value, dtype=np.int64):
         from onnx import numpy_helper
 
-        return op("Constant", [], name, value=numpy_helper.from_array(np.asarray(value, dtype)))
+        return self.op("Constant", [], name, value=numpy_helper.from_array(np.asarray(value, dtype)))
 
+
+def select_function():
+    """The FunctionProto of ``feather::SelectTokens``."""
+    from onnx import helper
+
+    body = FunctionBody()
+    nodes, op, attr_int, const = body.nodes, body.op, body.attr_int, body.const
     budget, side, stride = attr_int("budget"), attr_int("grid_side"), attr_int("grid_stride")
     zero, one = const("zero", 0), const("one", 1)
     budget_1d = op("Unsqueeze", [budget, const("axis0", [0])], "budget_1d")
@@ -66,6 +78,18 @@ def select_function():
                                   axis=0, largest=0, sorted=1))
     op("Cast", ["sorted_f"], "kept", to=7)
 
+    gather_rows(op, n, budget, zero, one)
+
+    return helper.make_function(
+        FEATHER_DOMAIN, OP_TYPE, ["scores", "hidden", "position_ids", "image_start"],
+        ["kept", "hidden_out", "position_ids_out"], nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)], attributes=list(ATTRIBUTES))
+
+
+def gather_rows(op, n: str, budget: str, zero: str, one: str) -> None:
+    """Function-body nodes shared by the selection ops: ``hidden_out`` / ``position_ids_out`` from
+    ``kept`` (ascending ranks into the current image set), ``image_start``, ``hidden``,
+    ``position_ids``; ``op(op_type, inputs, output, **attrs)`` appends one node."""
     # output row j <- source row: text before, kept image rows, text after (shifted by N - B)
     seq = op("Gather", [op("Shape", ["hidden"], "hidden_shape"), one], "s", axis=0)
     dropped = op("Sub", [n, budget], "dropped")
@@ -82,11 +106,6 @@ def select_function():
     source = op("Where", [in_image, from_image, from_text], "source")
     op("Gather", ["hidden", source], "hidden_out", axis=1)
     op("Gather", ["position_ids", source], "position_ids_out", axis=1)
-
-    return helper.make_function(
-        FEATHER_DOMAIN, OP_TYPE, ["scores", "hidden", "position_ids", "image_start"],
-        ["kept", "hidden_out", "position_ids_out"], nodes,
-        opset_imports=[helper.make_opsetid("", OPSET)], attributes=list(ATTRIBUTES))
 
 
 def select_node(g: GraphBuilder, scores: str, hidden: str, position_ids: str, image_start: str, *,

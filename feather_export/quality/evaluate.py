@@ -24,11 +24,15 @@ from feather_export.errors import FeatherError
 from feather_export.quality.synthetic import QUESTION_TYPES, ROWS, SPLITS, Sample, make_samples
 
 DEFAULT_MODEL = "tiny-shapes"          # the trained built-in checkpoint (models.BUILTIN_CHECKPOINTS)
-METHODS = ("none", "feather", "fastv", "fastervlm")
+METHODS = ("none", "feather", "fastv", "fastervlm", "btp")
+# BTP is evaluated on request (--methods ...,btp or --schedule btp=...): its default schedule
+# needs a decoder deep enough for four stages (the 4-layer tiny-shapes model is not)
+DEFAULT_METHODS = ("none", "feather", "fastv", "fastervlm")
 ENGINES = ("onnx", "reference")
 LLAVA_BUDGETS = (144, 64, 32)         # LLaVA-1.5's usual budgets, out of 576 image tokens
 LLAVA_IMAGE_TOKENS = 576
 BANDS = ROWS                          # top / middle / bottom
+DEFAULT_N = 300                       # shapes-task samples evaluated by default
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class EvalOptions:
     model: str = DEFAULT_MODEL
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     budgets: tuple[int, ...] | None = None     # None: the grid's equivalents of 144 / 64 / 32
     schedules: tuple[tuple[str, str], ...] = ()  # extra (method, "LAYER:KEEP,...") configurations
-    n: int = 300
+    n: int | None = None                       # samples (None: 300 of the split; all of --data)
     engines: tuple[str, ...] = ENGINES
     seed: int = 0
     split: str = "test"
@@ -73,6 +77,8 @@ class EvalOptions:
     overlays: int = 2                          # examples per configuration (0: none)
     threads: int = 1                           # torch / ONNX Runtime intra-op threads (0: default)
     max_new_tokens: int = 4                    # answers are <= 2 tokens + EOS
+    data: str | None = None                    # a user's .jsonl file instead of the shapes task
+    max_text_tokens: int = 64                  # prompt bound of the exported artifacts
 
 
 @dataclass
@@ -120,7 +126,8 @@ def parse_schedules(items) -> tuple[tuple[str, str], ...]:
         method, schedule = method.strip(), schedule.replace(" ", "")
         if not sep or method not in METHODS or method == "none" or not schedule:
             raise FeatherError(f"--schedule {item!r} is not METHOD=LAYER:KEEP[,LAYER:KEEP], e.g. "
-                               "--schedule feather=1:136 (METHOD one of feather, fastv, fastervlm)")
+                               "--schedule feather=1:136 (METHOD one of feather, fastv, fastervlm, "
+                               "btp)")
         out.append((method, schedule))
     return tuple(dict.fromkeys(out))
 
@@ -146,7 +153,9 @@ def plan_configs(methods: Sequence[str], budgets: Sequence[int], geometry,
     configs = []
     if "none" in methods:
         configs.append(EvalConfig("none", None))
-    candidates = [EvalConfig(m, b) for m in methods if m != "none" for b in budgets]
+    # BTP's counts come from its schedule: --methods btp is its default schedule, once
+    candidates = [EvalConfig(m, None if m == "btp" else b) for m in methods if m != "none"
+                  for b in (budgets[:1] if m == "btp" else budgets)]
     for method, schedule in schedules:
         candidates.append(EvalConfig(method, None, schedule))
     for config in candidates:
@@ -154,7 +163,7 @@ def plan_configs(methods: Sequence[str], budgets: Sequence[int], geometry,
             prune = config.prune_config(geometry)
         except FeatherError as exc:
             raise FeatherError(f"{config.name}: {exc}") from None
-        if config.schedule is not None:
+        if config.schedule is not None or config.budget is None:
             config = EvalConfig(config.method, prune.stages[0].keep, config.schedule)
         configs.append(config)
     return configs
@@ -249,7 +258,8 @@ def run_onnx(model_dir: Path, config: EvalConfig, samples: Sequence[Sample], wor
     budget = config.budget if config.schedule is None else None
     art = export(model_dir, work / config.file_name,
                  ExportOptions(method=config.method, budget=budget, schedule=config.schedule,
-                               max_new_tokens=opts.max_new_tokens, max_text_tokens=64),
+                               max_new_tokens=opts.max_new_tokens,
+                               max_text_tokens=opts.max_text_tokens),
                  progress=lambda msg: None)
     pipe = _load_pipeline(art, opts.threads)
     run = EngineRun()
@@ -307,7 +317,7 @@ class ReferenceEngine:
 def _check_options(opts: EvalOptions) -> None:
     if opts.split not in SPLITS:
         raise FeatherError(f"--split {opts.split!r}: choose one of {', '.join(SPLITS)}")
-    if isinstance(opts.n, bool) or not isinstance(opts.n, int) or opts.n < 1:
+    if opts.n is not None and (isinstance(opts.n, bool) or not isinstance(opts.n, int) or opts.n < 1):
         raise FeatherError(f"--n must be a positive integer, got {opts.n!r}")
     if not opts.engines or any(e not in ENGINES for e in opts.engines):
         raise FeatherError(f"engines must be among {', '.join(ENGINES)}")
@@ -341,6 +351,10 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None,
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     _check_options(opts)
+    if opts.data is not None:
+        from feather_export.quality.evaluate_data import evaluate_data
+
+        return evaluate_data(opts, say, command)
     model_dir = check_checkpoint_dir(checkpoint_path(opts.model))
     geometry = geometry_of(load_config(model_dir))
     budgets = opts.budgets or default_budgets(geometry.num_image_tokens)
@@ -350,7 +364,7 @@ def evaluate(opts: EvalOptions, progress: Callable[[str], None] | None = None,
         out.mkdir(parents=True, exist_ok=True)
         if opts.overlays:
             (out / "overlays").mkdir(exist_ok=True)
-    samples = make_samples(opts.split, opts.n, seed=opts.seed)
+    samples = make_samples(opts.split, opts.n or DEFAULT_N, seed=opts.seed)
     picks = _overlay_picks(samples, opts.overlays) if out is not None else []
     say(f"eval: {len(samples)} {opts.split} samples x {len(configs)} configurations "
         f"({', '.join(c.name for c in configs)}) on {', '.join(opts.engines)}; "

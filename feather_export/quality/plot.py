@@ -12,7 +12,7 @@ PANELS = (("all", "all questions"), ("type:colour", "colour"), ("type:count", "c
           ("band:middle", "object in middle band"), ("band:bottom", "object in bottom band"),
           ("objkept:top", "top-band object keeps a patch (1st stage)"))
 COLOURS = {"feather": (31, 119, 180), "fastv": (214, 39, 40), "fastervlm": (44, 160, 44),
-           "none": (90, 90, 90)}
+           "btp": (148, 103, 189), "none": (90, 90, 90)}
 
 
 def _value(engine_row: dict, key: str):

@@ -13,7 +13,11 @@ Where the facts come from (read, not copied; the table below is our own wording)
   * the 10.1 GA importer sources (``onnxOpImporters.cpp``, ``onnxOpCheckers.cpp``, ``ModelImporter.cpp``,
     ``importerUtils.cpp::convertDtype``) for the exact checks: which inputs must be initializers, Cast
     targets, Range input types, Loop scan outputs, local-function and plugin-fallback dispatch.
-  * TensorRT ``ITopKLayer`` API docs: K is limited to 3840.
+  * onnx-tensorrt ``docs/operators.md`` (TopK row): "`sorted` must be 1. `K` input must be less than
+    3840" (TensorRT 10.x and 11.x tables).
+  * TensorRT's TopK does not document its order among equal values (ONNX: the lower index first),
+    which the selection's function body relies on for exact ties (docs/design.md §4): flagged on the
+    ``feather::SelectTokens`` call (a warning).
 """
 from __future__ import annotations
 
@@ -30,9 +34,15 @@ from feather_export.errors import FeatherError
 
 TRT_VERSION = "10.3"
 OPSET_MIN, OPSET_MAX = 9, 20
-TOPK_MAX_K = 3840
+TOPK_MAX_K = 3840                     # exclusive: K must be < 3840
 ERROR, WARNING = "error", "warning"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+TIE_ORDER_WARNING = (
+    "where TensorRT runs this function body (TensorRT <= 10.6 always, even with the plugin loaded; "
+    "10.7+ when the plugin is not loaded) it selects with TensorRT's TopK, whose order among equal "
+    "scores is not documented: on exact ties it may keep other tokens than ONNX Runtime and the "
+    "reference (lower index first). For the documented order, export with --trt-plugin-only and "
+    "build with the plugin (libfeather_plugin.so)")
 _STANDARD_NON_TRT_DOMAINS = ("ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training")
 
 
@@ -96,7 +106,7 @@ SUPPORTED_OPS: dict[str, str] = {
     "ScatterND": "no `reduction` attribute",
     "Squeeze": "`axes` input must be constant (dynamic axes only from 10.7)",
     "Unsqueeze": "`axes` input must be constant (dynamic axes only from 10.7)",
-    "TopK": f"K must be a build-time constant <= {TOPK_MAX_K}",
+    "TopK": f"K must be a build-time constant < {TOPK_MAX_K}; `sorted` must be 1",
 }
 
 # Unsupported ops with a more specific hint than "not supported".
@@ -266,23 +276,26 @@ def _input(node, i: int) -> str:
 # Per-op checkers: (node, scope, linter) -> iterable of (severity, reason)
 # ---------------------------------------------------------------------------------------------
 def _check_topk(node, scope, lint):
+    if not _attr(node, "sorted", 1):
+        yield ERROR, "sorted=0 is not supported by the TensorRT ONNX parser; export TopK with sorted=1"
     k_name = _input(node, 1)
     if k_name:
         known, k = scope.lookup(k_name)
         if not known:
             yield ERROR, (f"K input '{k_name}' is not a build-time constant (not an initializer or Constant output). "
-                          f"TensorRT 10.x would take it as a runtime shape tensor, so the K <= {TOPK_MAX_K} limit "
+                          f"TensorRT 10.x would take it as a runtime shape tensor, so the K < {TOPK_MAX_K} limit "
                           "cannot be checked and output shapes depend on it; export K as a constant")
             return
     else:  # opset < 10: attribute
         k = _attr(node, "k")
     if k is None:
-        yield WARNING, f"K value is not stored inline (external data?); cannot verify K <= {TOPK_MAX_K}"
+        yield WARNING, f"K value is not stored inline (external data?); cannot verify K < {TOPK_MAX_K}"
     elif np.asarray(k).size != 1:
         yield ERROR, f"K must be a single value, got shape {np.asarray(k).shape}"
-    elif int(np.asarray(k).reshape(-1)[0]) > TOPK_MAX_K:
-        yield ERROR, (f"K = {int(np.asarray(k).reshape(-1)[0])} exceeds TensorRT's TopK limit of {TOPK_MAX_K}; "
-                      "split the selection (e.g. TopK per chunk, then TopK over the chunk winners)")
+    elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
+        yield ERROR, (f"K = {int(np.asarray(k).reshape(-1)[0])} exceeds TensorRT's TopK limit (K must be less "
+                      f"than {TOPK_MAX_K}); split the selection (e.g. TopK per chunk, then TopK over the chunk "
+                      "winners)")
 
 
 def _check_const_inputs(node, scope, lint):
@@ -461,6 +474,9 @@ class _Linter:
         aliases = {inner: outer for inner, outer in zip(function.input, node.input) if outer}
         body_scope = _Scope(caller=scope, aliases=aliases, attrs=attrs).add_nodes(function.node)
         namespace = _attr(node, "plugin_namespace")
+        if (node.domain, node.op_type) == ("feather", "SelectTokens") and \
+                any(n.op_type == "TopK" for n in function.node):
+            self.add(path, node.op_type, TIE_ORDER_WARNING, WARNING)
         note = "" if namespace is None else (
             f" (TensorRT >= 10.7 uses plugin '{node.op_type}' from namespace '{namespace.decode()}' instead of "
             f"this function body when that plugin is registered; {TRT_VERSION} inlines the body)")

@@ -149,17 +149,28 @@ def engine_file(segment: str, precision: str, budget: int | None) -> str:
     return f"{ENGINES_DIR}/{segment}{suffix}.{precision}.plan"
 
 
-def resolve_precision(artifact_dtype: str, precision: str | None) -> tuple[str, bool]:
+def resolve_precision(artifact_dtype: str, precision: str | None, *,
+                      strongly_typed_only: str | None = None) -> tuple[str, bool]:
     """(precision, strongly_typed). ``None`` means the artifact's dtype, built strongly typed, so
     the fp32 islands of fp16/bf16 graphs (norms, softmax, scores) stay fp32. fp16/bf16 on an fp32
     artifact is a weakly typed build with that builder flag: TensorRT may pick reduced-precision
-    tactics per layer while the engine's inputs and outputs stay fp32."""
+    tactics per layer while the engine's inputs and outputs stay fp32.
+
+    ``strongly_typed_only``: the TensorRT version when it builds strongly typed networks only
+    (TensorRT 11 removed the FP16/BF16 builder flags); then the precision is the artifact's dtype
+    and any other is refused."""
     if precision is None:
         precision = artifact_dtype
     if precision not in PRECISIONS:
         raise FeatherError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == artifact_dtype:
         return precision, True
+    if strongly_typed_only:
+        raise FeatherError(
+            f"TensorRT {strongly_typed_only} builds strongly typed networks only (TensorRT 11 removed "
+            f"the FP16/BF16 builder flags): engines take the artifact's dtype, {artifact_dtype}. "
+            f"Build without --precision, or export again with --dtype {precision} for {precision} "
+            "engines (weakly typed reduced-precision builds of an fp32 artifact need TensorRT 10.x)")
     if artifact_dtype == "fp32":
         return precision, False
     raise FeatherError(f"this artifact holds {artifact_dtype} graphs; build {artifact_dtype} engines "
@@ -168,12 +179,15 @@ def resolve_precision(artifact_dtype: str, precision: str | None) -> tuple[str, 
 
 def plan_engines(manifest: dict, precision: str | None = None, *,
                  opt_text_tokens: int = OPT_TEXT_TOKENS,
-                 opt_new_tokens: int = OPT_NEW_TOKENS) -> list[EnginePlan]:
+                 opt_new_tokens: int = OPT_NEW_TOKENS,
+                 strongly_typed_only: str | None = None) -> list[EnginePlan]:
     """One plan per segment of a manifest (``Manifest.data``), in the manifest's order.
 
     ``opt_new_tokens`` no longer shapes anything (decode profiles have a fixed cache capacity); it
-    is accepted for callers of the earlier signature."""
-    precision, strongly_typed = resolve_precision(manifest["dtype"], precision)
+    is accepted for callers of the earlier signature. ``strongly_typed_only``: see
+    ``resolve_precision``."""
+    precision, strongly_typed = resolve_precision(manifest["dtype"], precision,
+                                                  strongly_typed_only=strongly_typed_only)
     model, stages = manifest["model"], manifest["prune"]["stages"]
     n_total = model["num_image_tokens"]
     text, new = manifest["max_text_tokens"], manifest["max_new_tokens"]

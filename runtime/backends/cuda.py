@@ -17,9 +17,40 @@ def import_cudart():
         except ImportError:
             raise FeatherError("the CUDA backends need cuda-python for device memory (pip install "
                                "'cuda-python>=12.6,<13' on CUDA 12 / JetPack 6, "
-                               "'cuda-python>=13' on CUDA 13), or run on the CPU "
+                               "'cuda-python>=13,<14' on CUDA 13), or run on the CPU "
                                "(backend onnxruntime-cpu)") from None
+    _check_driver(cudart)
     return cudart
+
+
+def _bindings_version() -> str | None:
+    try:
+        import cuda.bindings as bindings
+    except ImportError:
+        return None
+    return getattr(bindings, "__version__", None)
+
+
+def _check_driver(cudart) -> None:
+    """cuda-python N.x is built for CUDA N and needs a driver for CUDA N or newer: refuse a
+    mismatch in one line instead of ``cudaErrorInsufficientDriver`` on the first call. No driver
+    at all (version 0) is left to the first call's error."""
+    version = _bindings_version()
+    if not version or not hasattr(cudart, "cudaDriverGetVersion"):
+        return
+    try:
+        bindings_major = int(version.split(".")[0])
+    except ValueError:
+        return
+    err, driver = cudart.cudaDriverGetVersion()
+    if err != cudart.cudaError_t.cudaSuccess or not driver:
+        return
+    driver_major, driver_minor = int(driver) // 1000, int(driver) % 1000 // 10
+    if driver_major < bindings_major:
+        pin = "12.6,<13" if driver_major == 12 else f"{driver_major},<{driver_major + 1}"
+        raise FeatherError(f"cuda-python {version} needs a CUDA {bindings_major} driver; this "
+                           f"driver supports CUDA {driver_major}.{driver_minor}. Install the "
+                           f"bindings for it: pip install 'cuda-python>={pin}'")
 
 
 def check(cudart, result, what: str):

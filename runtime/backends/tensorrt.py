@@ -4,11 +4,12 @@
 
 Per engine: one execution context per optimization profile (prefill, decode), chosen per call
 from the input shapes. Output buffers are allocated once at the largest shape any profile allows
-and bound once (``set_tensor_address``); inputs are bound by address (``set_tensor_address`` only
-when the address changed), so a segment reads the previous segment's output, the Pipeline's
-workspace or a KV cache buffer in place: no host round trips between segments. Each call sets the
-input shapes that changed and runs ``execute_async_v3`` on the backend's stream without
-synchronizing; the host waits only when it downloads (logits, kept indices).
+and bound once (``set_tensor_address``). Inputs have no buffers of their own: they are bound by
+address (``set_tensor_address`` only when the address changed), so a segment reads the previous
+segment's output, the Pipeline's workspace or a KV cache buffer in place: no host round trips
+between segments. Each call sets the input shapes that changed and runs ``execute_async_v3`` on
+the backend's stream without synchronizing; the host waits only when it downloads (logits, kept
+indices).
 
 CUDA graphs: a decode-profile call whose input addresses and shapes equal those of the previous
 one is replayed from a CUDA graph captured after the first such call (TensorRT's guidance: run
@@ -23,6 +24,17 @@ Contexts use ``ExecutionContextAllocationStrategy.USER_MANAGED`` and share one a
 ("scratch") buffer sized for the largest engine: every runner of a backend runs on one stream,
 one call at a time (a lock), so the contexts never run concurrently, which is what
 ``IExecutionContext::setDeviceMemoryV2`` requires of shared memory.
+
+``runner.run`` (host numpy in and out: validation, sweeps) stages its inputs in buffers allocated
+on its first call, at the size of the arrays given (grown when a later call needs more), so a
+runner used only through ``run_device`` (the Pipeline) holds no second copy of any input, the
+static KV caches included.
+
+Plugin engines: the library loaded must be the one the engines were built with (its sha256 is
+recorded in ``engines.json``); another build of it is refused.
+
+TensorRT 10.3+ and 11: plans are streamed through ``IStreamReaderV2`` (10.7+, the only reader in
+11) or ``IStreamReader`` (10.3-10.x).
 
 CUDA calls go through cuda-python (``backends/cuda.py``, ``device.CudaMemory``). Nothing here
 imports tensorrt or cuda-python at module import time.
@@ -61,19 +73,30 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise FeatherError("the TensorRT backend needs TensorRT >= 10.3 with its Python bindings "
-                           "(pip install 'feather-export[trt]', or JetPack on Jetson); not "
+                           "(pip install 'feather-export[trt]', '[trt-cu13]' with a CUDA 13 driver, "
+                           "or JetPack on Jetson); not "
                            f"importable here ({exc})") from None
     return trt
 
 
-def load_plugin_library(trt, path) -> None:
+def load_plugin_library(trt, path, sha256: str | None = None) -> None:
     """Register ``libfeather_plugin.so`` with TensorRT's plugin registry (once per process) and
-    check that ``feather::SelectTokens`` version 1 is now known."""
+    check that ``feather::SelectTokens`` version 1 is now known. ``sha256``: the library's hash
+    recorded at build time; a different file is refused before it is loaded."""
     path = Path(path)
     if not path.is_file():
         raise FeatherError(f"plugin library {path} does not exist; build it with CMake "
                            "(engines/plugin/README.md)")
     real = os.path.realpath(path)
+    if sha256 is not None:
+        from ..manifest import sha256_file
+
+        found = sha256_file(real)
+        if found != sha256:
+            raise FeatherError(f"plugin library {path} (sha256 {found[:12]}...) is not the one the "
+                               f"engines were built with (sha256 {sha256[:12]}...); rebuild the "
+                               f"engines with this library, or pass the library they were built "
+                               f"with (plugin_library= or ${PLUGIN_ENV})")
     registry = trt.get_plugin_registry()
     if real not in _loaded_plugins:
         handle = registry.load_library(real)     # None when a plugin of it is already registered
@@ -139,6 +162,7 @@ class TensorRTBackend:
         self._scratch, self._scratch_size = 0, 0
         self.scratch_generation = 0                 # bumps when the shared scratch moves
         self._indexes: dict[Path, dict] = {}
+        self._plugins_checked: set[tuple[str, str]] = set()
         self.device = device_identity(device)
         self.stream = self.memory.stream
         self.stream_handle = stream_handle(self.stream)
@@ -212,28 +236,25 @@ class TensorRTBackend:
                                f"{ENGINES_DIR}/{INDEX_NAME} (tampered or corrupted); build it again")
 
     def _ensure_plugin(self, entry: dict) -> None:
-        recorded = (entry.get("plugin") or {}).get("path")
-        path = self.plugin_library or recorded
+        recorded = entry.get("plugin") or {}
+        path = self.plugin_library or recorded.get("path")
         if path is None:
             raise FeatherError(f"the engine of {entry['segment']} contains the SelectTokens plugin; "
                                f"pass plugin_library= or set {PLUGIN_ENV}")
-        load_plugin_library(self.trt, path)
+        if recorded.get("sha256") is None:
+            raise FeatherError(f"{entry['segment']}: engines.json records no plugin library hash for "
+                               "an engine with the SelectTokens plugin; build the engines again")
+        key = (os.path.realpath(path), recorded["sha256"])
+        if key not in self._plugins_checked:     # hash a library once per backend
+            load_plugin_library(self.trt, path, sha256=recorded["sha256"])
+            self._plugins_checked.add(key)
 
     def _deserialize(self, path: Path):
-        trt = self.trt
-        reader_base = getattr(trt, "IStreamReader", None)
-        if reader_base is not None:
-            # stream the plan instead of holding a second copy in host memory (Jetson: shared DRAM)
-            class _Reader(reader_base):
-                def __init__(self, f):
-                    reader_base.__init__(self)
-                    self.f = f
-
-                def read(self, size: int) -> bytes:
-                    return self.f.read(size)
-
+        # stream the plan instead of holding a second copy in host memory (Jetson: shared DRAM)
+        reader = _stream_reader_class(self.trt)
+        if reader is not None:
             with open(path, "rb") as f:
-                engine = self.runtime.deserialize_cuda_engine(_Reader(f))
+                engine = self.runtime.deserialize_cuda_engine(reader(f))
         else:
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
@@ -274,6 +295,42 @@ class TensorRTBackend:
         self.memory.close()
         self._scratch, self._scratch_size = 0, 0
         self.memory = None
+
+
+def _stream_reader_class(trt):
+    """A file reader for ``deserialize_cuda_engine``: ``IStreamReaderV2`` (TensorRT 10.7+; the only
+    one in 11: ``read(num_bytes, stream)`` and ``seek(offset, SeekPosition)``), else
+    ``IStreamReader`` (``read(size)``), else None (read the plan into memory)."""
+    v2 = getattr(trt, "IStreamReaderV2", None)
+    if v2 is not None:
+        whence = {getattr(trt.SeekPosition, name): i for i, name in enumerate(("SET", "CUR", "END"))}
+
+        class ReaderV2(v2):
+            def __init__(self, f):
+                v2.__init__(self)
+                self.f = f
+
+            def read(self, num_bytes: int, stream: int) -> bytes:
+                return self.f.read(num_bytes)
+
+            def seek(self, offset: int, where) -> bool:
+                try:
+                    self.f.seek(offset, whence[where])
+                except (OSError, ValueError, KeyError):
+                    return False
+                return True
+        return ReaderV2
+    v1 = getattr(trt, "IStreamReader", None)
+    if v1 is not None:
+        class Reader(v1):
+            def __init__(self, f):
+                v1.__init__(self)
+                self.f = f
+
+            def read(self, size: int) -> bytes:
+                return self.f.read(size)
+        return Reader
+    return None
 
 
 class CudaGraph:
@@ -339,7 +396,8 @@ class TensorRTRunner:
             backend.attach_context(context, engine.device_memory_size_v2)
             self.contexts.append(context)
         # buffer sizes: the largest shape of every tensor over all profiles. Output buffers are
-        # bound once; input buffers only stage host inputs of ``run`` (run_device binds by address)
+        # allocated and bound once; inputs are bound by address per call (``run`` stages its host
+        # inputs in buffers allocated on demand: ``_staging``)
         capacity = {n: 0 for n in names}
         for k, context in enumerate(self.contexts):
             for n in self.inputs:
@@ -353,13 +411,14 @@ class TensorRTRunner:
                                        "TensorRT backend does not support IOutputAllocator outputs")
                 capacity[n] = max(capacity[n], _volume(shape) * self.dtypes[n].itemsize)
         self.capacity = capacity
-        self.buffers = {n: backend.malloc(capacity[n]) for n in names}
+        self.buffers = {n: backend.malloc(capacity[n]) for n in self.outputs}
+        self._staging: dict[str, tuple[int, int]] = {}   # input name -> (address, bytes), by run()
         for context in self.contexts:
-            for n in names:
+            for n in self.outputs:
                 if not context.set_tensor_address(n, self.buffers[n]):
                     raise FeatherError(f"{name}: TensorRT refused the address of {n}")
-        # what each context has bound now: input name -> (address, shape)
-        self._bound = [{n: (self.buffers[n], None) for n in self.inputs} for _ in self.contexts]
+        # what each context has bound now: input name -> (address, shape); nothing yet
+        self._bound = [{n: (None, None) for n in self.inputs} for _ in self.contexts]
         self._output_shapes: list[tuple | None] = [None] * count   # (input shapes, output shapes)
         self._graphs: dict[int, CudaGraph] = {}
         self._graphs_usable = [backend.cuda_graphs and self.roles[k] == "decode"
@@ -458,19 +517,29 @@ class TensorRTRunner:
         self._graphs.clear()
 
     def run(self, feeds: dict) -> dict:
-        """Host numpy in, host numpy out (validation, sweeps): staged through this runner's input
-        buffers, then ``run_device``."""
+        """Host numpy in, host numpy out (validation, sweeps): staged through buffers this method
+        allocates on first use, at the arrays' size, then ``run_device``."""
         memory = self.backend.memory
         self._check_names(feeds)
         arrays = {n: np.asarray(feeds[n]) for n in self.inputs}
         for n, a in arrays.items():
             self._check_input(n, a.dtype, a.shape)
         self.profile_for({n: a.shape for n, a in arrays.items()})
-        tensors = {}
-        for n, a in arrays.items():
-            if a.nbytes > self.capacity[n]:
-                raise FeatherError(f"{self.name}: input {n} {a.shape} exceeds its buffer")
-            staging = Tensor(self.buffers[n], a.shape, self.dtypes[n])
-            tensors[n] = memory.upload(a, into=staging)
+        tensors = {n: memory.upload(a, into=Tensor(self._stage(n, a.nbytes), a.shape, self.dtypes[n]))
+                   for n, a in arrays.items()}
         outputs = self.run_device(tensors)
         return {n: memory.download(t) for n, t in outputs.items()}
+
+    def _stage(self, name: str, nbytes: int) -> int:
+        """The staging buffer of one input, at least ``nbytes`` (>= ALIGNMENT: empty KV caches)."""
+        ptr, size = self._staging.get(name, (0, 0))
+        if not ptr or nbytes > size:
+            memory = self.backend.memory
+            if ptr:
+                memory.synchronize()               # a queued run may still read the old buffer
+                memory.free(ptr)
+                self._staging.pop(name)
+            size = max(int(nbytes), ALIGNMENT)
+            ptr = memory.malloc(size)
+            self._staging[name] = (ptr, size)
+        return ptr
