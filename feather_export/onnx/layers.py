@@ -50,7 +50,9 @@ def linear(g: GraphBuilder, x: str, module, prefix: str, et: int, quant=None,
 def rms_norm(g: GraphBuilder, x: str, module, prefix: str, et: int) -> str:
     """Llama RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight."""
     x32 = cast(g, x, et, F32)
-    var = g.reduce_mean(g.op("Mul", x32, x32), [-1])
+    # Pow(x, 2) (not x*x): the form ONNX Runtime fuses at load time into one
+    # SimplifiedLayerNormalization kernel; TensorRT takes either
+    var = g.reduce_mean(g.op("Pow", x32, g.const(np.float32(2.0), np.float32)), [-1])
     eps = g.const(np.float32(module.variance_epsilon), np.float32)
     normed = g.op("Div", x32, g.op("Sqrt", g.op("Add", var, eps)))
     return g.op("Mul", cast(g, normed, F32, et), g.weight(f"{prefix}.weight", module.weight, et))
