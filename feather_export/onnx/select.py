@@ -57,7 +57,7 @@ def build_select(model, stage: Stage, side: int, et: int):
 
 def _span_select_inputs(model, stage: Stage, et: int):
     """A select graph's inputs from the span before it, and the current image rows."""
-    cfg = model.model.language_model.config
+    cfg = model.config.text_config
     heads, kv_heads, head_dim = attn_geometry(cfg)
     d, n = cfg.hidden_size, stage.num_in
     g = GraphBuilder(f"select_{stage.layer}")
@@ -112,7 +112,7 @@ def build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FI
 
 def _build_drop_all(model, stage: Stage, et: int):
     """A 0-count stage: every image row is dropped (text rows in order), ``kept`` is empty."""
-    d, n = model.model.language_model.config.hidden_size, stage.num_in
+    d, n = model.config.text_config.hidden_size, stage.num_in
     g = GraphBuilder(f"select_{stage.layer}")
     hidden = g.input("hidden_states", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])

@@ -10,7 +10,8 @@ patch *receives* (mean over heads and over all queries).
 from __future__ import annotations
 
 
-from feather_export.models.family import vision_encoder, vision_spec
+from feather_export.models.family import vision_spec
+from feather_export.models.weights import PROJECTOR
 from feather_export.onnx.graph import DTYPES, GraphBuilder
 from feather_export.onnx.layers import (F32, activation, attend, attention_probs, cast, layer_norm,
                                         linear, heads_first, split_heads)
@@ -18,47 +19,55 @@ from feather_export.onnx.layers import (F32, activation, attend, attention_probs
 BF16 = DTYPES["bf16"]
 
 
-def build_vision(model, et: int):
-    spec = vision_spec(model.config)
-    vcfg = model.config.vision_config
-    tower = vision_encoder(model)
+def build_vision(w, et: int, store=None, on_layer=None):
+    """From the weight source ``w`` (``models.weights``), one layer at a time; ``store``: where
+    initializers stream; ``on_layer(i)`` after layer i is built (progress)."""
+    spec = vision_spec(w.config)
+    vcfg = w.config.vision_config
+    tower = w.vision_prefix
+    eps = vcfg.layer_norm_eps
     size, patch = vcfg.image_size, vcfg.patch_size
     side = size // patch
     n, c, heads = side * side, vcfg.hidden_size, vcfg.num_attention_heads
     head_dim = c // heads
     first = 1 if spec.cls_token else 0             # sequence index of the first patch
-    g = GraphBuilder("vision")
+    g = GraphBuilder("vision", store=store)
     pixels = g.input("pixel_values", F32, [1, 3, size, size])
-    emb = tower.embeddings
+    emb = f"{tower}.embeddings"
     conv_type = F32 if et == BF16 else et      # ONNX Conv has no bfloat16 before opset 22
     conv_inputs = [cast(g, pixels, F32, conv_type),
-                   g.weight("patch_embedding.weight", emb.patch_embedding.weight, conv_type)]
+                   g.weight("patch_embedding.weight", w.get(f"{emb}.patch_embedding.weight"),
+                            conv_type)]
     if spec.patch_bias:
-        conv_inputs.append(g.weight("patch_embedding.bias", emb.patch_embedding.bias, conv_type))
+        conv_inputs.append(g.weight("patch_embedding.bias", w.get(f"{emb}.patch_embedding.bias"),
+                                    conv_type))
     x = g.op("Conv", *conv_inputs, kernel_shape=[patch, patch], strides=[patch, patch])
     x = cast(g, x, conv_type, et)
     x = g.op("Transpose", g.op("Reshape", x, g.const([1, c, n])), perm=[0, 2, 1])
     if spec.cls_token:
-        cls = g.weight("class_embedding", emb.class_embedding.reshape(1, 1, c), et)
+        cls = g.weight("class_embedding", w.get(f"{emb}.class_embedding").reshape(1, 1, c), et)
         x = g.op("Concat", cls, x, axis=1)
-    x = g.op("Add", x, g.weight("position_embedding", emb.position_embedding.weight[None], et))
+    x = g.op("Add", x, g.weight("position_embedding",
+                                w.get(f"{emb}.position_embedding.weight")[None], et))
     if spec.pre_norm:
-        x = layer_norm(g, x, getattr(tower, spec.pre_norm), spec.pre_norm, et)
+        x = layer_norm(g, x, w, f"{tower}.{spec.pre_norm}", spec.pre_norm, et, eps)
     hidden_states = {0: x}
     for i in range(spec.run_layers):
-        layer, p = tower.encoder.layers[i], f"vision.layers.{i}"
-        h = layer_norm(g, x, layer.layer_norm1, f"{p}.layer_norm1", et)
-        a = layer.self_attn
-        qkv = linear(g, h, [a.q_proj, a.k_proj, a.v_proj], f"{p}.qkv_proj", et)
+        layer, p = f"{tower}.encoder.layers.{i}", f"vision.layers.{i}"
+        h = layer_norm(g, x, w, f"{layer}.layer_norm1", f"{p}.layer_norm1", et, eps)
+        a = f"{layer}.self_attn"
+        qkv = linear(g, h, w, [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], f"{p}.qkv_proj", et)
         q, k, v = (heads_first(g, split_heads(g, t, heads, head_dim))
                    for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
         probs = attention_probs(g, q, k, 1, heads, head_dim, None)   # [1, H, 1, T, T]
-        x = g.op("Add", x, linear(g, attend(g, probs, v, heads, head_dim, et), a.out_proj,
-                                  f"{p}.out_proj", et))
-        h = layer_norm(g, x, layer.layer_norm2, f"{p}.layer_norm2", et)
-        h = activation(g, linear(g, h, layer.mlp.fc1, f"{p}.fc1", et), vcfg.hidden_act, et)
-        x = g.op("Add", x, linear(g, h, layer.mlp.fc2, f"{p}.fc2", et))
+        x = g.op("Add", x, linear(g, attend(g, probs, v, heads, head_dim, et), w,
+                                  f"{a}.out_proj", f"{p}.out_proj", et))
+        h = layer_norm(g, x, w, f"{layer}.layer_norm2", f"{p}.layer_norm2", et, eps)
+        h = activation(g, linear(g, h, w, f"{layer}.mlp.fc1", f"{p}.fc1", et), vcfg.hidden_act, et)
+        x = g.op("Add", x, linear(g, h, w, f"{layer}.mlp.fc2", f"{p}.fc2", et))
         hidden_states[i + 1] = x
+        if on_layer:
+            on_layer(i)
     if spec.cls_token:                          # the CLS query's row, patch columns
         row = g.op("Gather", probs, g.const(0), axis=3)                 # [1, H, 1, 1+N]
         cols = g.op("Slice", row, g.const([1]), g.const([1 + n]), g.const([3]))
@@ -69,10 +78,10 @@ def build_vision(model, et: int):
     picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + n]), g.const([1]))
               for f in spec.feature_layers]
     features = picked[0] if len(picked) == 1 else g.op("Concat", *picked, axis=-1)
-    proj = model.model.multi_modal_projector
-    act = getattr(model.config, "projector_hidden_act", "gelu")
-    y = activation(g, linear(g, features, proj.linear_1, "projector.linear_1", et), act, et)
-    y = linear(g, y, proj.linear_2, "projector.linear_2", et)
-    g.output(y, "image_features", et, [1, n, model.config.text_config.hidden_size])
+    act = getattr(w.config, "projector_hidden_act", "gelu")
+    y = activation(g, linear(g, features, w, f"{PROJECTOR}.linear_1", "projector.linear_1", et),
+                   act, et)
+    y = linear(g, y, w, f"{PROJECTOR}.linear_2", "projector.linear_2", et)
+    g.output(y, "image_features", et, [1, n, w.config.text_config.hidden_size])
     g.output(scores, "cls_scores", F32, [n])
     return g.model()
