@@ -238,14 +238,24 @@ def test_validate_loads_decoder_layers_one_at_a_time(tmp_path):
         seen.append(real)
         return original(self, i)
 
-    out = export("tiny", tmp_path / "a", ExportOptions(method="feather", budget=9, dtype="fp32"),
-                 progress=lambda m: None)
+    import feather_export.export.artifact as artifact
+
+    artifact_inline_limit = artifact.INLINE_LIMIT
+    artifact.INLINE_LIMIT = 1                   # external data, as large artifacts have
+    try:
+        out = export("tiny", tmp_path / "a", ExportOptions(method="feather", budget=9,
+                                                           dtype="fp16"), progress=lambda m: None)
+    finally:
+        artifact.INLINE_LIMIT = artifact_inline_limit
     lazy.LazyLlava.layer = spy
     try:
-        checks = validate_artifact(out)
+        whole = validate_artifact(out)
+        pieces = validate_artifact(out, layerwise=True)   # ONNX Runtime one layer at a time too
     finally:
         lazy.LazyLlava.layer = original
-    assert checks and all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+    for checks in (whole, pieces):
+        assert checks and all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+    assert [(c.segment, c.output) for c in whole] == [(c.segment, c.output) for c in pieces]
     assert seen and all(real == [] for real in seen)
 
 

@@ -22,6 +22,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}   # max abs error / max(1
 # activations to int8 per block inside the GEMM, which dominates the error.
 QUANT_TOLERANCE = {"int8": 3e-2, "int4": 3e-2}
 MIN_KEPT_OVERLAP = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.9}
+LAYERWISE_BYTES = 1 << 30      # decoder spans with more weight bytes run one layer at a time
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,16 @@ class OutputCheck:
 
 
 def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cpu",
-                      seed: int = 0, progress=None, weights=None) -> list[OutputCheck]:
+                      seed: int = 0, progress=None, weights=None,
+                      layerwise: bool = False) -> list[OutputCheck]:
     """Run every segment both ways; returns one check per output (kept indices included).
 
     The reference is transformers' own modules with the checkpoint's weights (``weights``: a
     ``models.weights`` source; else ``model``, a loaded torch model; else the manifest's model),
-    loaded span by span: decoder layers one at a time (``methods.lazy``), so a 7B artifact is
-    checked in a few GB.
+    loaded span by span: decoder layers one at a time (``methods.lazy``). Decoder spans whose
+    weights exceed ``LAYERWISE_BYTES`` (or all, with ``layerwise``) run in ONNX Runtime as
+    one-layer pieces cut from their own graph (``run_layerwise``), so a 7B artifact is checked
+    in a few GB.
     """
     import torch
     from feather_runtime.backends import get_backend
@@ -79,13 +83,66 @@ def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cp
             if progress:
                 progress(f"validating {seg.name}")
             feeds, expected = _cases(reference, manifest, seg, rng, dtype)
-            runner = runner_backend.load(manifest.root, seg)
-            got = runner.run(feeds)
-            del runner
+            if seg.kind == "decoder" and (layerwise or _weight_bytes(manifest.root, seg)
+                                          > LAYERWISE_BYTES):
+                got = run_layerwise(manifest.root, seg, feeds)
+            else:
+                runner = runner_backend.load(manifest.root, seg)
+                got = runner.run(feeds)
+                del runner
             seg_tol = tol if seg.kind == "decoder" else TOLERANCE[dtype]
             for name, ref in expected.items():
                 checks.append(_compare(seg.name, name, got[name], ref, dtype, seg_tol))
     return checks
+
+
+def _weight_bytes(root, seg) -> int:
+    return sum((root / f["file"]).stat().st_size for f in seg.data_files)
+
+
+def run_layerwise(root, seg, feeds: dict) -> dict:
+    """Run decoder span ``seg`` as one-layer pieces cut from its graph at the named layer outputs
+    (``onnx.decoder.layer_output_name``) with ``onnx.utils.Extractor``, each in its own ONNX
+    Runtime CPU session over the segment's external-data file, chaining the hidden states: the same graph and weights, one layer loaded at a
+    time. Returns every output of the segment."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    from feather_export.onnx.decoder import layer_output_name
+
+    a, b = seg.layers
+    outputs = [o["name"] for o in seg.outputs]
+    path = root / seg.file
+    extractor = Extractor(onnx.load(str(path), load_external_data=False))
+    hidden_info = next(v for v in extractor.graph.input if v.name == "inputs_embeds")
+    for i in range(a, b):      # shape inference may not reach every layer: declare the cuts
+        info = onnx.ValueInfoProto()
+        info.CopyFrom(hidden_info)
+        info.name = layer_output_name(i)
+        extractor.value_infos.setdefault(info.name, info)
+    options = ort.SessionOptions()
+    # pieces are loaded from bytes; their external data is the segment's own file
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(path.parent))
+    got: dict = {}
+    hidden = "inputs_embeds"
+    for i in range(a, b):
+        own = [n for n in outputs if n.startswith((f"present.{i}.", f"score_query.{i}",
+                                                   f"score_keys.{i}"))]
+        last = [n for n in outputs if n in ("logits", "hidden_states")] if i == b - 1 \
+            else [layer_output_name(i)]
+        inputs = list(dict.fromkeys(["inputs_embeds", hidden, "position_ids", "past_length",
+                                     f"past_key_values.{a}.key", f"past_key_values.{i}.key",
+                                     f"past_key_values.{i}.value"]))
+        piece = extractor.extract_model(inputs, own + last).SerializeToString()
+        session = ort.InferenceSession(piece, options, providers=["CPUExecutionProvider"])
+        names = [x.name for x in session.get_inputs()]
+        values = session.run(own + last, {n: feeds[n] if n in feeds else got[n] for n in names})
+        got.update(zip(own + last, values))
+        hidden = layer_output_name(i)
+        del session, piece
+    return {n: got[n] for n in outputs}
 
 
 class DequantizedWeights:

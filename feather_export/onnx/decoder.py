@@ -114,8 +114,15 @@ def _decoder_layer(g, w, i, hidden, cos, sin, mask, past_k, past_v, geometry, et
                      quant, bias=spec.mlp_bias)
     gate, up = g.op("Split", gate_up, g.const([inter, inter]), axis=-1, outputs=2)
     act = activation(g, gate, "silu", et)
+    # the layer's output gets a stable name: ``export.validate`` cuts large spans there
     return g.op("Add", hidden, linear(g, g.op("Mul", act, up), w, f"{mlp}.down_proj",
-                                     f"{p}.down_proj", et, quant, bias=spec.mlp_bias))
+                                     f"{p}.down_proj", et, quant, bias=spec.mlp_bias),
+                outputs=[layer_output_name(i)], name=f"{p}.residual_mlp")
+
+
+def layer_output_name(i: int) -> str:
+    """The hidden states leaving decoder layer ``i`` inside a span graph."""
+    return f"layers.{i}.output"
 
 
 def _score_outputs(g, i, q, k_pre_rope, criterion, geometry, et) -> None:
