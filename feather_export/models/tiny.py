@@ -69,9 +69,10 @@ TINY_MODELS: dict[str, TinySpec] = {
                                   text_extra=(("attention_bias", True), ("mlp_bias", True)),
                                   chat=("llava", "chat_template.jinja")),
     # CLIP under strategy full: the CLS is image token 0, before the 16 x 16 raster (N = 257);
-    # two feature layers concatenated; Llama with GQA; no chat template (LLaVA-1.5's prompt).
+    # two feature layers concatenated; Llama with GQA; LLaVA's template in chat_template.json.
     "tiny-clip-full": TinySpec(224, 14, 32, 3, 4, 64, 4, 4, 2, 128, 10000.0,
-                               feature_layer=(-3, -1), strategy="full"),
+                               feature_layer=(-3, -1), strategy="full",
+                               chat=("llava", "chat_template.json")),
 }
 
 FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip", "tiny-clip-full")
