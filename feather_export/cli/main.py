@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("make-tiny", help="write a tiny LLaVA checkpoint directory")
-    p.add_argument("name", help="tiny | tiny-gqa | tiny-mistral | tiny-qwen2-siglip | tiny-llama-siglip")
+    p.add_argument("name", help="tiny | tiny-gqa | tiny-mistral | tiny-qwen2-siglip | tiny-llama-siglip | "
+                   "tiny-clip-full")
     p.add_argument("out", help="checkpoint directory to write (absent or empty)")
     p.set_defaults(func=cmd_make_tiny)
 

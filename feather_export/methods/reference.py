@@ -45,10 +45,11 @@ def image_span(input_ids, image_token_id: int, num_image: int) -> int:
 
 def select_stage(stage: Stage, scores, side: int, features=None) -> np.ndarray:
     if stage.criterion == "btp":
-        seed = farthest_point_seed(side, stage.seed_count) if stage.seed_count else None
+        seed = (farthest_point_seed(side, stage.seed_count, stage.raster_offset)
+                if stage.seed_count else None)
         return btp_select(scores.detach().cpu().numpy(), features, stage.keep,
                           stage.attention_count, stage.candidate_count, seed)
-    forced = grid_mask(stage.num_in, side, stage.grid_stride)
+    forced = grid_mask(stage.num_in, side, stage.grid_stride, stage.raster_offset)
     return select_tokens(scores.detach().cpu().numpy(), stage.keep, forced)
 
 
@@ -151,7 +152,7 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
 
 def vision_features(model, pixel_values):
     """Projected image features [1, N, d] by transformers' own ``get_image_features`` (feature
-    layers concatenated, CLS dropped per strategy), and FasterVLM's scores [N] in the deepest
+    layers concatenated, CLS dropped or kept per strategy), and FasterVLM's scores [N] in the deepest
     feature layer (``models.family`` says whether the tower has a CLS token)."""
     from feather_export.methods.scoring import fastervlm_scores
     from feather_export.models.family import vision_encoder, vision_spec
@@ -161,7 +162,8 @@ def vision_features(model, pixel_values):
                                          return_dict=True)
     features = out.pooler_output[0][None]
     layer = vision_encoder(model).encoder.layers[spec.run_layers - 1]
-    scores = fastervlm_scores(layer, out.hidden_states[spec.run_layers - 1], spec.cls_token)
+    scores = fastervlm_scores(layer, out.hidden_states[spec.run_layers - 1], spec.cls_token,
+                              spec.keep_cls)
     return features, scores
 
 

@@ -68,9 +68,14 @@ TINY_MODELS: dict[str, TinySpec] = {
                                   feature_layer=(-3, -1), strategy="full",
                                   text_extra=(("attention_bias", True), ("mlp_bias", True)),
                                   chat=("llava", "chat_template.jinja")),
+    # CLIP under strategy full: the CLS is image token 0, before the 16 x 16 raster (N = 257);
+    # two feature layers concatenated; Llama with GQA; LLaVA's template in chat_template.json.
+    "tiny-clip-full": TinySpec(224, 14, 32, 3, 4, 64, 4, 4, 2, 128, 10000.0,
+                               feature_layer=(-3, -1), strategy="full",
+                               chat=("llava", "chat_template.json")),
 }
 
-FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip")
+FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip", "tiny-clip-full")
 
 
 def tiny_llava_config(name: str):
@@ -109,15 +114,17 @@ def small_llava_config(spec, tok, initializer_range: float | None = None):
         bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=tok.token_to_id("<pad>"), **({"head_dim": head_dim} if head_dim else {}),
         **dict(getattr(spec, "text_extra", ())), **init)
-    grid = spec.image_size // spec.patch_size
+    from feather_export.models.geometry import geometry_of
+
     feature_layer = getattr(spec, "feature_layer", -2)
-    return LlavaConfig(vision_config=vision, text_config=text,
-                       image_token_index=tok.token_to_id("<image>"),
-                       image_seq_length=grid * grid, tie_word_embeddings=tied,
-                       vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple)
-                       else feature_layer,
-                       vision_feature_select_strategy=getattr(spec, "strategy", "default"),
-                       **init)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.token_to_id("<image>"), tie_word_embeddings=tied,
+                         vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple)
+                         else feature_layer,
+                         vision_feature_select_strategy=getattr(spec, "strategy", "default"),
+                         **init)
+    config.image_seq_length = geometry_of(config).num_image_tokens     # the CLS too under full
+    return config
 
 
 def build_tiny_model(name: str):

@@ -49,7 +49,7 @@ def build_select(model, stage: Stage, side: int, et: int):
     outs = [f"{name}_sel" for name in SELECT_OUTPUTS]
     select_node(g, scores, hidden, positions, start, budget=stage.keep, num_image_tokens=n,
                 grid_side=side, grid_stride=stage.grid_stride, criterion=stage.criterion,
-                outputs=outs, name=f"SelectTokens_{stage.layer}")
+                outputs=outs, name=f"SelectTokens_{stage.layer}", raster_offset=stage.raster_offset)
     _outputs(g, outs, stage.keep, d, et)
     g.output(scores, "scores", F32, [n])
     return g.model([select_function()])
@@ -99,7 +99,8 @@ def build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FI
     logits = g.op("Identity", logits, outputs=["scores"])
     features = g.op("Reshape", g.op("Cast", g.op("Gather", hidden, image_rows, axis=1), to=F32),
                     g.const([n, d]))
-    seed = farthest_point_seed(side, stage.seed_count) if stage.seed_count else []
+    seed = (farthest_point_seed(side, stage.seed_count, stage.raster_offset)
+            if stage.seed_count else [])
     balanced_node(g, logits, features, g.const(seed_priority(n, seed), np.float32), hidden,
                   positions, start, budget=stage.keep, num_image_tokens=n,
                   attention_count=stage.attention_count, candidate_count=stage.candidate_count,
@@ -135,7 +136,8 @@ def _build_vision_select(model, stage: Stage, side: int, et: int):
     positions = g.const(np.arange(n, dtype=np.int64)[None])
     select_node(g, scores, features, positions, g.const(0), budget=stage.keep, num_image_tokens=n,
                 grid_side=side, grid_stride=0, criterion="fastervlm",
-                outputs=["kept_sel", "features_sel", "unused_positions"], name="SelectTokens_0")
+                outputs=["kept_sel", "features_sel", "unused_positions"], name="SelectTokens_0",
+                raster_offset=stage.raster_offset)
     g.output("kept_sel", "kept", 7, [stage.keep])
     g.output("features_sel", "pruned_image_features", et, [1, stage.keep, d])
     return g.model([select_function()])

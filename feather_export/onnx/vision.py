@@ -1,11 +1,12 @@
 """The ``vision`` segment: the vision tower (CLIP or SigLIP, per ``models.family``) up to the
 deepest ``vision_feature_layer``, the feature layers concatenated as transformers does (CLS
-dropped under strategy ``default``), then the projector.
+dropped under strategy ``default``; kept, first, under ``full``), then the projector.
 
 Also outputs ``cls_scores`` [N], FasterVLM's criterion (DESIGN §4), taken from the attention
 probabilities of the last layer run, which are computed anyway: a CLS tower scores each patch by
-the CLS query's attention (mean over heads, patch columns); SigLIP (no CLS) by the attention each
-patch *receives* (mean over heads and over all queries).
+the CLS query's attention (mean over heads, image-token columns: the CLS's own column too under
+``full``); SigLIP (no CLS) by the attention each patch *receives* (mean over heads and over all
+queries).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def build_vision(w, et: int, store=None, on_layer=None):
     side = size // patch
     n, c, heads = side * side, vcfg.hidden_size, vcfg.num_attention_heads
     head_dim = c // heads
-    first = 1 if spec.cls_token else 0             # sequence index of the first patch
+    first, count = spec.image_token_span(n)        # the image tokens: [first, first + count)
     g = GraphBuilder("vision", store=store)
     pixels = g.input("pixel_values", F32, [1, 3, size, size])
     emb = f"{tower}.embeddings"
@@ -68,20 +69,20 @@ def build_vision(w, et: int, store=None, on_layer=None):
         hidden_states[i + 1] = x
         if on_layer:
             on_layer(i)
-    if spec.cls_token:                          # the CLS query's row, patch columns
+    if spec.cls_token:                          # the CLS query's row, image-token columns
         row = g.op("Gather", probs, g.const(0), axis=3)                 # [1, H, 1, 1+N]
-        cols = g.op("Slice", row, g.const([1]), g.const([1 + n]), g.const([3]))
+        cols = g.op("Slice", row, g.const([first]), g.const([first + count]), g.const([3]))
         scores = g.op("ReduceMean", cols, axes=[0, 1, 2], keepdims=0)
     else:                                       # attention received: mean over heads, queries
         scores = g.op("ReduceMean", probs, axes=[0, 1, 2, 3], keepdims=0)
-    scores = g.op("Reshape", scores, g.const([n]))
-    picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + n]), g.const([1]))
+    scores = g.op("Reshape", scores, g.const([count]))
+    picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + count]), g.const([1]))
               for f in spec.feature_layers]
     features = picked[0] if len(picked) == 1 else g.op("Concat", *picked, axis=-1)
     act = getattr(w.config, "projector_hidden_act", "gelu")
     y = activation(g, linear(g, features, w, f"{PROJECTOR}.linear_1", "projector.linear_1", et),
                    act, et)
     y = linear(g, y, w, f"{PROJECTOR}.linear_2", "projector.linear_2", et)
-    g.output(y, "image_features", et, [1, n, w.config.text_config.hidden_size])
-    g.output(scores, "cls_scores", F32, [n])
+    g.output(y, "image_features", et, [1, count, w.config.text_config.hidden_size])
+    g.output(scores, "cls_scores", F32, [count])
     return g.model()
