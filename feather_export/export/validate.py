@@ -74,7 +74,7 @@ def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cp
                                    if quant.get(k) in QUANT_TOLERANCE)])
     if tol > TOLERANCE[dtype]:
         weights = DequantizedWeights(weights, quant)
-    runner_backend = get_backend(backend)
+    get_backend(backend).close()          # an unknown or unavailable backend fails here, first
     rng = np.random.default_rng(seed)
     checks: list[OutputCheck] = []
     with torch.no_grad():
@@ -86,10 +86,10 @@ def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cp
             if seg.kind == "decoder" and (layerwise or _weight_bytes(manifest.root, seg)
                                           > LAYERWISE_BYTES):
                 got = run_layerwise(manifest.root, seg, feeds)
-            else:
-                runner = runner_backend.load(manifest.root, seg)
-                got = runner.run(feeds)
-                del runner
+            else:              # one backend per segment: closing it frees the session
+                runner_backend = get_backend(backend)
+                got = runner_backend.load(manifest.root, seg).run(feeds)
+                runner_backend.close()
             seg_tol = tol if seg.kind == "decoder" else TOLERANCE[dtype]
             for name, ref in expected.items():
                 checks.append(_compare(seg.name, name, got[name], ref, dtype, seg_tol))
