@@ -213,7 +213,8 @@ def _vision_case(model, manifest, rng):
 
     size = manifest["model"]["image_size"]
     pixels = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-    features, scores = vision_features(model.model, torch.from_numpy(pixels))
+    with model.vision() as llava:
+        features, scores = vision_features(llava, torch.from_numpy(pixels))
     return {"pixel_values": pixels}, {"image_features": features.numpy(), "cls_scores": scores.numpy()}
 
 
@@ -221,8 +222,8 @@ def _embed_case(model, manifest, rng):
     import torch
 
     ids = rng.integers(0, manifest["model"]["vocab_size"], size=(1, 13), dtype=np.int64)
-    table = model.model.model.language_model.embed_tokens
-    return {"input_ids": ids}, {"inputs_embeds": table(torch.from_numpy(ids)).numpy()}
+    with model.parts("model.language_model.embed_tokens") as table:
+        return {"input_ids": ids}, {"inputs_embeds": table(torch.from_numpy(ids)).numpy()}
 
 
 def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
@@ -265,7 +266,8 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
         expected[f"present.{i}.key"] = cache.layers[i].keys[:, :, past:].numpy()      # heads-first
         expected[f"present.{i}.value"] = cache.layers[i].values[:, :, past:].numpy()
     if b == m["num_layers"]:
-        expected["logits"] = lm_logits(model.model, h[:, -1:]).numpy()[None, None]
+        with model.parts("model.language_model.norm", "lm_head"):
+            expected["logits"] = lm_logits(model.model, h[:, -1:]).numpy()[None, None]
     else:
         expected["hidden_states"] = h.numpy()
     return feeds, expected
