@@ -357,3 +357,19 @@ def write_preprocessor_config(out_dir: Union[str, os.PathLike], image_size: int,
     path = out / CONFIG_NAME
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def preprocessor_for(path: Union[str, os.PathLike], anyres: dict | None = None):
+    """The artifact's preprocessor: LLaVA-NeXT's for one pinpoint when the manifest has an
+    ``anyres`` block, else CLIP's / SigLIP's."""
+    if anyres:
+        return AnyresPreprocessor.from_dir(path, tuple(anyres["pinpoint"]))
+    return ImagePreprocessor.from_dir(path)
+
+
+def pixel_shape(model: dict) -> tuple[int, ...]:
+    """The vision segment's ``pixel_values`` shape from the manifest's model block."""
+    anyres = model.get("anyres")
+    if anyres:
+        return (1, int(anyres["num_crops"]), 3, int(anyres["crop_size"]), int(anyres["crop_size"]))
+    return (1, 3, int(model["image_size"]), int(model["image_size"]))

@@ -312,3 +312,17 @@ def test_fastervlm_select_per_crop(model, budget):
     expected = select_per_crop(scores, geo.crops(), budget // 5, geo.free_indices())
     assert out["kept"].tolist() == expected.tolist() and len(expected) == stage.keep
     np.testing.assert_array_equal(out["pruned_image_features"][0], features[0, expected])
+
+
+def test_overlay_splits_kept_indices_by_raster(model, tmp_path):
+    from feather_export.quality.overlay import draw_raster_overlay, raster_local
+
+    geo = geometry_of(model.config, (112, 336))                       # base 8x8, stitched 8x24
+    base, stitched = geo.to_dict()["rasters"]
+    kept = [0, 9, 63, 64, 64 + 24, 64 + 25, 64 + 7 * 25 + 23]            # 64 + 24: a newline
+    assert raster_local(kept, base).tolist() == [0, 9, 63]
+    assert raster_local(kept, stitched).tolist() == [0, 24, 7 * 24 + 23]
+    views = [Image.new("RGB", (112, 112)), Image.new("RGB", (336, 112))]
+    out = draw_raster_overlay(views, [kept], [base, stitched], tmp_path / "o.png", title="t")
+    with Image.open(out) as png:
+        assert png.width > png.height > 2 * 336
