@@ -122,20 +122,20 @@ def test_raster_plan_equals_transformers_packing(model):
 ])
 def test_bad_resolution_refused(resolution, message):
     with pytest.raises(FeatherError, match=message):
-        check_config(_v16_config(), resolution=resolution)
+        check_config(_v16_config(), resolution=resolution, unexported_ok=True)
 
 
 def test_refusals_from_the_config_alone(model):
     config = _v16_config().to_dict()
     bad = dict(config, image_grid_pinpoints=[[336, 500]])
     with pytest.raises(FeatherError, match="no square pinpoint"):
-        check_config(bad)
+        check_config(bad, unexported_ok=True)
     with pytest.raises(FeatherError, match="whole number of 336-pixel crops"):
-        check_config(bad, resolution="336x500")
+        check_config(bad, resolution="336x500", unexported_ok=True)
     siglip = dict(config, vision_config={"model_type": "siglip_vision_model"},
                   vision_feature_select_strategy="full")
     with pytest.raises(FeatherError, match="llava_next with a siglip_vision_model tower"):
-        check_config(siglip)
+        check_config(siglip, unexported_ok=True)
     with pytest.raises(FeatherError, match="--resolution applies to LLaVA-NeXT"):
         check_config(tiny_llava_config("tiny"), resolution="336x336")
     geo = geometry_of(model.config)
@@ -326,3 +326,20 @@ def test_overlay_splits_kept_indices_by_raster(model, tmp_path):
     out = draw_raster_overlay(views, [kept], [base, stitched], tmp_path / "o.png", title="t")
     with Image.open(out) as png:
         assert png.width > png.height > 2 * 336
+
+
+def test_export_of_next_is_refused_before_any_weight(checkpoint, tmp_path, monkeypatch):
+    """Until the NeXT vision segment exists, export refuses a NeXT model name or directory with
+    one line, before any model is built or loaded, and writes nothing."""
+    import feather_export.models.checkpoint as ckpt
+    from feather_export.export.artifact import ExportOptions, export
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was built or loaded")
+
+    monkeypatch.setattr(ckpt, "resolve_model", no_load)
+    monkeypatch.setattr(ckpt, "load_checkpoint", no_load)
+    for spec in ("tiny-next", checkpoint):
+        with pytest.raises(FeatherError, match="llava_next .* cannot be exported"):
+            export(spec, tmp_path / "out", ExportOptions(method="none"), progress=lambda m: None)
+        assert not (tmp_path / "out").exists()

@@ -132,7 +132,7 @@ def geometry_of(config, resolution=None) -> ModelGeometry:
     does not handle); ``resolution``: LLaVA-NeXT's pinpoint (default the largest square one)."""
     from feather_export.models.family import check_config, model_kind
 
-    check_config(config, resolution=resolution)
+    check_config(config, resolution=resolution, unexported_ok=True)
     if model_kind(config).anyres:
         from feather_export.models.anyres import anyres_plan
 
