@@ -343,3 +343,25 @@ def test_export_of_next_is_refused_before_any_weight(checkpoint, tmp_path, monke
         with pytest.raises(FeatherError, match="llava_next .* cannot be exported"):
             export(spec, tmp_path / "out", ExportOptions(method="none"), progress=lambda m: None)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pinpoint", [(224, 224), (112, 336), (224, 112)])
+def test_next_vision_segment_equals_transformers(model, pinpoint):
+    """Crop batch through the tower, projector, stitching with image_newline: equal to
+    ``get_image_features`` (transformers' packing) and to the per-crop CLS scores."""
+    import torch
+
+    from feather_export.onnx.vision_next import build_next_vision
+
+    geo = geometry_of(model.config, pinpoint)
+    sess = ort.InferenceSession(build_next_vision(model, geo, 1).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(sum(pinpoint)).standard_normal(
+        (1, len(geo.crops()), 3, 112, 112)).astype(np.float32)
+    features, scores = sess.run(None, {"pixel_values": pixels})
+    with torch.no_grad():
+        ref_features, ref_scores = vision_features(model, torch.from_numpy(pixels), geo)
+    assert features.shape == (1, geo.num_image_tokens, model.config.text_config.hidden_size)
+    assert np.abs(features - ref_features.numpy()).max() < 1e-5
+    assert np.abs(scores - ref_scores.numpy()).max() < 1e-6
+    assert (scores[geo.free_indices()] == 0).all()

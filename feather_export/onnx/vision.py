@@ -21,44 +21,12 @@ BF16 = DTYPES["bf16"]
 def build_vision(model, et: int):
     spec = vision_spec(model.config)
     vcfg = model.config.vision_config
-    tower = vision_encoder(model)
     size, patch = vcfg.image_size, vcfg.patch_size
-    side = size // patch
-    n, c, heads = side * side, vcfg.hidden_size, vcfg.num_attention_heads
-    head_dim = c // heads
+    n = (size // patch) ** 2
     first = 1 if spec.cls_token else 0             # sequence index of the first patch
     g = GraphBuilder("vision")
     pixels = g.input("pixel_values", F32, [1, 3, size, size])
-    emb = tower.embeddings
-    conv_type = F32 if et == BF16 else et      # ONNX Conv has no bfloat16 before opset 22
-    conv_inputs = [cast(g, pixels, F32, conv_type),
-                   g.weight("patch_embedding.weight", emb.patch_embedding.weight, conv_type)]
-    if spec.patch_bias:
-        conv_inputs.append(g.weight("patch_embedding.bias", emb.patch_embedding.bias, conv_type))
-    x = g.op("Conv", *conv_inputs, kernel_shape=[patch, patch], strides=[patch, patch])
-    x = cast(g, x, conv_type, et)
-    x = g.op("Transpose", g.op("Reshape", x, g.const([1, c, n])), perm=[0, 2, 1])
-    if spec.cls_token:
-        cls = g.weight("class_embedding", emb.class_embedding.reshape(1, 1, c), et)
-        x = g.op("Concat", cls, x, axis=1)
-    x = g.op("Add", x, g.weight("position_embedding", emb.position_embedding.weight[None], et))
-    if spec.pre_norm:
-        x = layer_norm(g, x, getattr(tower, spec.pre_norm), spec.pre_norm, et)
-    hidden_states = {0: x}
-    for i in range(spec.run_layers):
-        layer, p = tower.encoder.layers[i], f"vision.layers.{i}"
-        h = layer_norm(g, x, layer.layer_norm1, f"{p}.layer_norm1", et)
-        a = layer.self_attn
-        qkv = linear(g, h, [a.q_proj, a.k_proj, a.v_proj], f"{p}.qkv_proj", et)
-        q, k, v = (heads_first(g, split_heads(g, t, heads, head_dim))
-                   for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
-        probs = attention_probs(g, q, k, 1, heads, head_dim, None)   # [1, H, 1, T, T]
-        x = g.op("Add", x, linear(g, attend(g, probs, v, heads, head_dim, et), a.out_proj,
-                                  f"{p}.out_proj", et))
-        h = layer_norm(g, x, layer.layer_norm2, f"{p}.layer_norm2", et)
-        h = activation(g, linear(g, h, layer.mlp.fc1, f"{p}.fc1", et), vcfg.hidden_act, et)
-        x = g.op("Add", x, linear(g, h, layer.mlp.fc2, f"{p}.fc2", et))
-        hidden_states[i + 1] = x
+    hidden_states, probs = tower_hidden_states(g, model, pixels, 1, et)
     if spec.cls_token:                          # the CLS query's row, patch columns
         row = g.op("Gather", probs, g.const(0), axis=3)                 # [1, H, 1, 1+N]
         cols = g.op("Slice", row, g.const([1]), g.const([1 + n]), g.const([3]))
@@ -76,3 +44,53 @@ def build_vision(model, et: int):
     g.output(y, "image_features", et, [1, n, model.config.text_config.hidden_size])
     g.output(scores, "cls_scores", F32, [n])
     return g.model()
+
+
+def tower_hidden_states(g: GraphBuilder, model, pixels: str, batch: int, et: int):
+    """The vision tower on ``pixels`` f32 [batch, 3, size, size] up to the deepest feature layer:
+    ({hidden_states index: [batch, T, c]}, the last layer's attention probabilities). With
+    batch > 1 (LLaVA-NeXT's crops) the batch is folded into the heads for attention:
+    probabilities [1, batch x heads, 1, T, T], crop-major."""
+    spec = vision_spec(model.config)
+    vcfg = model.config.vision_config
+    tower = vision_encoder(model)
+    size, patch = vcfg.image_size, vcfg.patch_size
+    n, c, heads = (size // patch) ** 2, vcfg.hidden_size, vcfg.num_attention_heads
+    head_dim = c // heads
+    emb = tower.embeddings
+    conv_type = F32 if et == BF16 else et      # ONNX Conv has no bfloat16 before opset 22
+    conv_inputs = [cast(g, pixels, F32, conv_type),
+                   g.weight("patch_embedding.weight", emb.patch_embedding.weight, conv_type)]
+    if spec.patch_bias:
+        conv_inputs.append(g.weight("patch_embedding.bias", emb.patch_embedding.bias, conv_type))
+    x = g.op("Conv", *conv_inputs, kernel_shape=[patch, patch], strides=[patch, patch])
+    x = cast(g, x, conv_type, et)
+    x = g.op("Transpose", g.op("Reshape", x, g.const([batch, c, n])), perm=[0, 2, 1])
+    if spec.cls_token:
+        cls = g.weight("class_embedding", emb.class_embedding.reshape(1, 1, c), et)
+        if batch > 1:
+            cls = g.op("Expand", cls, g.const([batch, 1, c]))
+        x = g.op("Concat", cls, x, axis=1)
+    x = g.op("Add", x, g.weight("position_embedding", emb.position_embedding.weight[None], et))
+    if spec.pre_norm:
+        x = layer_norm(g, x, getattr(tower, spec.pre_norm), spec.pre_norm, et)
+    hidden_states, probs = {0: x}, None
+    fold = (lambda t: t) if batch == 1 else (
+        lambda t: g.op("Reshape", t, g.const([1, batch * heads, -1, head_dim])))
+    for i in range(spec.run_layers):
+        layer, p = tower.encoder.layers[i], f"vision.layers.{i}"
+        h = layer_norm(g, x, layer.layer_norm1, f"{p}.layer_norm1", et)
+        a = layer.self_attn
+        qkv = linear(g, h, [a.q_proj, a.k_proj, a.v_proj], f"{p}.qkv_proj", et)
+        q, k, v = (fold(heads_first(g, split_heads(g, t, heads, head_dim)))
+                   for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
+        probs = attention_probs(g, q, k, 1, batch * heads, head_dim, None)   # [1, BH, 1, T, T]
+        ctx = attend(g, probs, v, batch * heads, head_dim, et)               # [1, T, B*c]
+        if batch > 1:                                                        # -> [B, T, c]
+            ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([-1, batch, c])), perm=[1, 0, 2])
+        x = g.op("Add", x, linear(g, ctx, a.out_proj, f"{p}.out_proj", et))
+        h = layer_norm(g, x, layer.layer_norm2, f"{p}.layer_norm2", et)
+        h = activation(g, linear(g, h, layer.mlp.fc1, f"{p}.fc1", et), vcfg.hidden_act, et)
+        x = g.op("Add", x, linear(g, h, layer.mlp.fc2, f"{p}.fc2", et))
+        hidden_states[i + 1] = x
+    return hidden_states, probs
