@@ -365,3 +365,18 @@ def test_next_vision_segment_equals_transformers(model, pinpoint):
     assert np.abs(features - ref_features.numpy()).max() < 1e-5
     assert np.abs(scores - ref_scores.numpy()).max() < 1e-6
     assert (scores[geo.free_indices()] == 0).all()
+
+
+def test_perf_model_counts_every_crop():
+    from feather_export.bench.perf_model import prefill_costs, shape_from_config, total
+
+    config = _v16_config()
+    shape = shape_from_config(config)
+    assert (shape.crops, shape.num_image_tokens) == (5, 2928)
+    costs = {c.name: c for c in prefill_costs(shape, None, 20, "fp32")}
+    one = shape_from_config(config, (336, 672))
+    assert one.crops == 3 and one.num_image_tokens == 1752
+    assert costs["vision"].cost.flops == pytest.approx(
+        5 / 3 * {c.name: c for c in prefill_costs(one, None, 20, "fp32")}["vision"].cost.flops)
+    feather = PruneConfig.create("feather", geometry_of(config), budget=732)
+    assert total(prefill_costs(shape, feather, 20, "fp32")).flops < total(costs.values()).flops
