@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     config = load_config(args.model)
     text = config.text_config
-    holder = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(config=text)))
+    holder = SimpleNamespace(config=SimpleNamespace(text_config=text))
     geo = geometry_of(config)
     prune = PruneConfig.create("btp", geo, schedule=args.schedule)
     heads = text.num_attention_heads

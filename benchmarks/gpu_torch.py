@@ -92,7 +92,7 @@ class TorchSegments:
         torch = self.torch
         from feather_export.methods.selection import grid_mask
 
-        forced = torch.as_tensor(grid_mask(stage.num_in, side, stage.grid_stride),
+        forced = torch.as_tensor(grid_mask(stage.num_in, side, stage.grid_stride, stage.raster_offset),
                                  device=scores.device)
         ranked = torch.where(forced, torch.full_like(scores, float("inf")), scores)
         return torch.sort(torch.topk(ranked, stage.keep).indices).values

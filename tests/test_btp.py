@@ -70,6 +70,9 @@ def test_farthest_point_seed_manhattan_from_zero_ties_low():
     assert farthest_point_seed(3, 9).tolist() == [0, 8, 2, 4, 6, 1, 3, 5, 7]
     seed = farthest_point_seed(24, 144)
     assert len(set(seed.tolist())) == 144 and seed[:2].tolist() == [0, 575]
+    # a CLS image token before the raster (strategy full): the same raster points, shifted by 1
+    assert farthest_point_seed(3, 5, 1).tolist() == [1, 9, 3, 5, 7]
+    assert farthest_point_seed(3, 20, 1).tolist() == list(farthest_point_seed(3, 9) + 1)
 
 
 def test_attention_set_front_priority_and_ties():

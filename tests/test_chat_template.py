@@ -10,6 +10,7 @@ from feather_export.errors import FeatherError
 from feather_export.models.chat import (TINY_CHAT_TEMPLATES, find_chat_template, prompt_template,
                                         render_template, special_tokens)
 from feather_export.models.family import vision_spec
+from feather_export.models.geometry import geometry_of
 from feather_export.models.tiny import FAMILY_TINY_MODELS, TINY_MODELS, make_tiny, tiny_llava_config
 from feather_runtime.prompt import PromptBuilder, PromptTemplate
 
@@ -67,8 +68,7 @@ def test_prompt_ids_equal_the_processor(checkpoints, monkeypatch, name, question
         expected = processor.apply_chat_template(conversation, add_generation_prompt=True,
                                                  tokenize=True, return_dict=True,
                                                  return_tensors="np")
-    config = tiny_llava_config(name)
-    n = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    n = geometry_of(tiny_llava_config(name)).num_image_tokens     # CLIP full: the CLS too
     builder = PromptBuilder.from_dir(path, prompt_template(path, name))
     np.testing.assert_array_equal(builder.build(question, n), expected["input_ids"])
     # and the artifact's runtime preprocessing gives the processor's pixels

@@ -37,6 +37,21 @@ def test_schedule_string_overrides_layers_and_counts():
     assert parse_schedule("3:288, 6:144,14:48") == ((3, 288), (6, 144), (14, 48))
 
 
+def test_raster_offset_lives_on_the_first_stage_only():
+    """Strategy full on CLIP: N = 1 + 24 x 24; the first stage (every image token) records that the
+    raster starts at index 1; the grid stride is computed on the raster alone."""
+    full = ModelGeometry(num_layers=32, num_image_tokens=577, grid_side=24, raster_offset=1)
+    cfg = PruneConfig.create("feather", full, budget=144)
+    assert [(s.keep, s.num_in, s.grid_stride, s.raster_offset) for s in cfg.stages] == \
+        [(144, 577, 3, 1), (13, 144, 0, 0)]
+    assert PruneConfig.create("feather", full).budget == 577 // 4
+    btp = PruneConfig.create("btp", full, schedule="3:289,6:144,14:0")
+    assert [s.raster_offset for s in btp.stages] == [1, 0, 0] and btp.stages[0].seed_count == 145
+    assert PruneConfig.from_dict(btp.to_dict()) == btp
+    assert PruneConfig.create("fastervlm", full, budget=577).stages[0].raster_offset == 1
+    assert PruneConfig.create("feather", LLAVA, budget=144).stages[0].raster_offset == 0
+
+
 def test_roundtrip_dict():
     cfg = PruneConfig.create("fastv", LLAVA, budget=64)
     assert PruneConfig.from_dict(cfg.to_dict()) == cfg

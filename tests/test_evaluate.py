@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from feather_export.errors import FeatherError
-from feather_export.quality.evaluate import (EvalConfig, EvalOptions, accuracy_table,
+from feather_export.quality.evaluate import (EvalConfig, EvalOptions, Prediction, accuracy_table,
                                              default_budgets, evaluate, format_table, is_correct,
+                                             kept_diagnostics,
                                              object_patches, parse_budgets, parse_engines,
                                              parse_methods, parse_schedules, patch_band,
                                              plan_configs)
@@ -129,6 +130,21 @@ def test_scoring_helpers():
             rows = {p // 16 for p in patches}
             obj = s.scene.objects[s.target]
             assert obj.cy // 14 in rows and {obj.cx // 14} <= {p % 16 for p in patches}
+
+
+def test_kept_diagnostics_shift_past_a_cls_image_token():
+    """With a CLS before the raster (raster_offset 1), image token i is patch i - 1 and the CLS
+    lies in no band: the same patches give the same survival, shares count the CLS as kept."""
+    samples = [s for s in make_samples("test", 40) if s.target is not None][:3]
+    patches = [sorted(object_patches(s, 16))[:2] + [255] for s in samples]
+    plain = kept_diagnostics(samples, [Prediction("", [], [p]) for p in patches], 16)
+    full = kept_diagnostics(samples, [Prediction("", [], [[0] + [i + 1 for i in p]]) for p in patches],
+                            16, raster_offset=1)
+    assert full["object_kept_by_band"] == plain["object_kept_by_band"]
+    assert all(v is None or v == 1.0 for v in full["object_kept_by_band"].values())
+    for band, share in plain["kept_share_by_band"].items():
+        assert abs(full["kept_share_by_band"][band] - share * 3 / 4) < 1e-12
+    assert full["last_stage_kept"] == 4
 
 
 def test_eval_through_the_feather_export_cli(random_model, tmp_path, capsys):

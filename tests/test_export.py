@@ -185,7 +185,7 @@ def test_trt_plugin_only_drops_the_function_body(tmp_path):
 def test_external_data_above_threshold(tmp_path, monkeypatch):
     import feather_export.export.artifact as export_module
 
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(export_module, "INLINE_LIMIT", 1000)
     path = export("tiny", tmp_path / "ext", ExportOptions(method="none"), progress=lambda m: None)
     m = json.loads((path / "feather.json").read_text())
     decoder = next(s for s in m["segments"] if s["name"] == "decoder_0_4")

@@ -8,7 +8,7 @@ from conftest import tiny_inputs
 from feather_export.errors import FeatherError
 from feather_export.models.tiny import TINY_MODELS, build_tiny_model, make_tiny
 from feather_export.models.checkpoint import check_checkpoint_dir, load_checkpoint
-from feather_export.models.geometry import geometry_of
+from feather_export.models.geometry import ModelGeometry, geometry_of
 
 
 def test_registry_geometry(tiny_models):
@@ -106,11 +106,15 @@ def test_missing_and_non_directory(tmp_path):
         load_checkpoint(tmp_path / "file")
 
 
-def test_full_strategy_refused(tiny_models):
+def test_full_strategy_on_clip_puts_the_cls_before_the_raster(tiny_models):
+    """Strategy full on a CLIP tower: N = 1 + side x side image tokens, the raster at offset 1."""
     import copy
 
     config = copy.deepcopy(tiny_models["tiny"].config)
+    assert geometry_of(config) == ModelGeometry(4, 576, 24, 0)
     config.vision_feature_select_strategy = "full"
-    with pytest.raises(FeatherError, match="CLS as an image token.*not supported yet"):
-        geometry_of(config)
+    geo = geometry_of(config)
+    assert (geo.num_image_tokens, geo.grid_side, geo.raster_offset, geo.raster_tokens) == (577, 24, 1, 576)
+    with pytest.raises(FeatherError, match="square grid"):
+        ModelGeometry(4, 576, 24, 1)
     assert set(TINY_MODELS) >= {"tiny", "tiny-gqa"}

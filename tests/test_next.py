@@ -339,6 +339,7 @@ def test_export_of_next_is_refused_before_any_weight(checkpoint, tmp_path, monke
 
     monkeypatch.setattr(ckpt, "resolve_model", no_load)
     monkeypatch.setattr(ckpt, "load_checkpoint", no_load)
+    monkeypatch.setattr(ckpt, "open_weights", no_load)
     for spec in ("tiny-next", checkpoint):
         with pytest.raises(FeatherError, match="llava_next .* cannot be exported"):
             export(spec, tmp_path / "out", ExportOptions(method="none"), progress=lambda m: None)
@@ -351,10 +352,11 @@ def test_next_vision_segment_equals_transformers(model, pinpoint):
     ``get_image_features`` (transformers' packing) and to the per-crop CLS scores."""
     import torch
 
+    from feather_export.models.weights import ModelWeights
     from feather_export.onnx.vision_next import build_next_vision
 
     geo = geometry_of(model.config, pinpoint)
-    sess = ort.InferenceSession(build_next_vision(model, geo, 1).SerializeToString(),
+    sess = ort.InferenceSession(build_next_vision(ModelWeights(model), geo, 1).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     pixels = np.random.default_rng(sum(pinpoint)).standard_normal(
         (1, len(geo.crops()), 3, 112, 112)).astype(np.float32)

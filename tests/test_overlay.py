@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from feather_export.errors import FeatherError
-from feather_export.quality.overlay import PANEL, draw_overlay, square_view, view_from_pixels
+from feather_export.quality.overlay import (PANEL, _stage_label, draw_overlay, square_view,
+                                            view_from_pixels)
 
 LABEL = 18      # label strip above each panel
 
@@ -28,6 +29,26 @@ def test_overlay_panels_show_kept_and_dropped_patches(tmp_path):
     assert (stage2[centre(5)] == 200).all() and (stage2[centre(0)] < 100).all()
     r, c = divmod(5, 4)
     assert tuple(stage1[r * cell, c * cell + cell // 2]) == (255, 40, 200)   # outline of a kept patch
+
+
+def test_a_cls_image_token_is_labelled_not_drawn(tmp_path):
+    """raster_offset 1 (strategy full): index 0 is the CLS, index i >= 1 is patch i - 1."""
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    out = draw_overlay(image, [[0, 1, 6, 16], [6]], 4, tmp_path / "o.png", raster_offset=1)
+    cell = PANEL // 4
+    centre = lambda idx: (idx // 4 * cell + cell // 2, idx % 4 * cell + cell // 2)   # noqa: E731
+    stage1, stage2 = (_panel(Image.open(out), i) for i in (1, 2))
+    for patch in (0, 5, 15):                                    # image tokens 1, 6, 16
+        assert (stage1[centre(patch)] == 200).all()
+    assert (stage1[centre(3)] < 100).all() and (stage1[centre(1)] < 100).all()
+    assert (stage2[centre(5)] == 200).all() and (stage2[centre(0)] < 100).all()
+    assert _stage_label(0, np.array([0, 1, 6, 16]), 17, 1) == "stage 1: 4/17 kept, CLS kept"
+    assert _stage_label(1, np.array([6]), 17, 1) == "stage 2: 1/17 kept, CLS dropped"
+    assert _stage_label(0, np.array([0, 5]), 16, 0) == "stage 1: 2/16 kept"
+    with pytest.raises(FeatherError, match=r"17 image tokens \(1 before the 4 x 4 grid\)"):
+        draw_overlay(image, [[17]], 4, tmp_path / "p.png", raster_offset=1)
+    with pytest.raises(FeatherError, match="raster_offset"):
+        draw_overlay(image, [[1]], 4, tmp_path / "p.png", raster_offset=-1)
 
 
 def test_no_pruning_draws_only_the_input(tmp_path):

@@ -178,7 +178,7 @@ int main()
     float* scores = reinterpret_cast<float*>(0x10000);  // never dereferenced: no kernel runs
     int64_t* kept = reinterpret_cast<int64_t*>(0x20000);
     void* ws = reinterpret_cast<void*>(0x30000);
-    auto select = [&] { return feather_select_tokens(scores, 64, 8, 8, 4, kept, ws, feather_select_workspace_bytes(64), nullptr); };
+    auto select = [&] { return feather_select_tokens(scores, 64, 8, 8, 4, 0, kept, ws, feather_select_workspace_bytes(64), nullptr); };
     auto gather = [&] { return feather_gather_rows(ws, ws, 70, 16, 4, 64, 8, kept, kept, nullptr); };
     fake_set_last_error(1);        // cudaErrorInvalidValue left by someone else's call
     int const s1 = select();
@@ -221,6 +221,39 @@ def test_stale_cuda_error_does_not_fail_a_launch(tmp_path):
     _check([cxx, tmp_path / "driver.o", obj, tmp_path / "fake_cudart.o", "-o", exe])
     proc = _run([exe])
     assert proc.returncode == 0, proc.stdout
+
+
+def test_select_cpu_reference_matches_the_python_oracle(tmp_path):
+    """The C++ reference the SelectTokens kernel is tested against keeps what
+    methods.selection.select_tokens keeps with grid_mask's forced grid (the oracle the ONNX
+    function body is tested against), raster offsets (a CLS before the raster) included."""
+    import numpy as np
+
+    from feather_export.methods.selection import grid_mask, select_tokens
+
+    nvcc, root = _require_nvcc()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        _skip("no host C++ compiler (g++/c++) to build select_tokens_kernel_test")
+    obj = _compile_kernel_object(nvcc, tmp_path / "select_tokens_kernel.o", archs=("90",))
+    exe = tmp_path / "select_tokens_kernel_test"
+    _check([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-isystem", root / "include",
+            "-c", KERNEL_TEST, "-o", tmp_path / "test.o"])
+    _check([cxx, tmp_path / "test.o", obj, f"-L{_cudart_dir(root)}", "-lcudart", "-o", exe])
+    rng = np.random.default_rng(5)
+    cases, expected = [], []
+    for n, side, budget, stride, offset, tied in [(577, 24, 144, 3, 1, False), (577, 24, 100, 4, 1, True),
+                                                  (257, 16, 64, 4, 1, True), (576, 24, 144, 3, 0, False),
+                                                  (577, 24, 64, 3, 1, False), (66, 8, 20, 3, 2, True),
+                                                  (17, 4, 4, 2, 1, False), (257, 16, 30, 0, 1, False)]:
+        scores = (np.round(rng.random(n) * 3) / 3 if tied else rng.standard_normal(n)).astype(np.float32)
+        scores[0] = -np.inf if offset and n % 2 else scores[0]
+        expected.append(select_tokens(scores, budget, grid_mask(n, side, stride, offset)).tolist())
+        cases.append(" ".join(map(str, [n, budget, side, stride, offset, *(repr(float(v)) for v in scores)])))
+    (tmp_path / "cases.txt").write_text("\n".join(cases) + "\n")
+    proc = _check([exe, "--reference", tmp_path / "cases.txt"], env=_runtime_env(root))
+    got = [[int(v) for v in line.split()] for line in proc.stdout.strip().splitlines()]
+    assert got == expected
 
 
 def _build_btp_test(tmp_path, nvcc: str, root: Path, archs=("87", "90")) -> Path:

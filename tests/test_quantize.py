@@ -111,14 +111,16 @@ def _linear_graph(k, n, quant, et=1):
     """x [2, K] @ W^T through ``linear`` with a real torch Linear."""
     import torch
 
+    from feather_export.models.weights import TensorWeights
     from feather_export.onnx.graph import OPSET, QUANT_OPSET, GraphBuilder
     from feather_export.onnx.layers import linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=True)
+    w = TensorWeights({f"lin.{name}": t for name, t in lin.state_dict().items()})
     g = GraphBuilder("lin", OPSET if quant is None else QUANT_OPSET)
     x = g.input("x", et, [2, k])
-    g.output(linear(g, x, lin, "proj", et, quant), "y", et, [2, n])
+    g.output(linear(g, x, w, "lin", "proj", et, quant), "y", et, [2, n])
     return g.model(), lin
 
 

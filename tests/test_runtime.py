@@ -701,7 +701,7 @@ def _leftovers(parent: Path):
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     import feather_export.export.artifact as ex
 
-    real, calls = ex._save_segment, []
+    real, calls = ex._export_segment, []
 
     def flaky(*args, **kwargs):
         calls.append(args[1].name)
@@ -709,7 +709,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk full (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "_save_segment", flaky)
+    monkeypatch.setattr(ex, "_export_segment", flaky)
     out = tmp_path / "art"
     with pytest.raises(RuntimeError, match="simulated"):
         export("tiny", out, ExportOptions(method="feather"), progress=lambda m: None)
@@ -727,7 +727,7 @@ def test_failed_reexport_keeps_previous_artifact(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted (simulated)")
 
-    monkeypatch.setattr(ex, "_save_segment", boom)
+    monkeypatch.setattr(ex, "_export_segment", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         export("tiny", out, ExportOptions(method="feather"), progress=lambda m: None)
     assert (out / "feather.json").read_text() == before

@@ -135,10 +135,10 @@ def _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name):
             extra = {} if k == "none" else {"method": "feather", "budget": budget}
             jobs.append((paths[k], ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens,
                                                  **({"method": "none"} | extra))))
-        if jobs:
-            export_shape_artifacts(model_name, jobs, progress=say, model=model)
-        del model
+        del model                # the export streams the same weights tensor by tensor
         gc.collect()
+        if jobs:
+            export_shape_artifacts(model_name, jobs, progress=say)
     return _prepare_ov(paths, work, need_ov, ov_python)
 
 

@@ -23,14 +23,17 @@ constexpr int kRankBlock = 256;
 constexpr int kCompactBlock = 1024;
 constexpr int kGatherThreads = 256;
 
-__host__ __device__ __forceinline__ bool isForcedGrid(int32_t i, int32_t gridSide, int32_t gridStride)
+// Token i is raster token i - rasterOffset; the tokens before the raster are never forced.
+__host__ __device__ __forceinline__ bool isForcedGrid(int32_t i, int32_t gridSide, int32_t gridStride,
+    int32_t rasterOffset)
 {
-    if (gridStride <= 0 || gridSide <= 0)
+    int32_t const p = i - rasterOffset;
+    if (gridStride <= 0 || gridSide <= 0 || p < 0)
     {
         return false;
     }
-    int32_t const r = i / gridSide;
-    int32_t const c = i - r * gridSide;
+    int32_t const r = p / gridSide;
+    int32_t const c = p - r * gridSide;
     return (r % gridStride == 0) && (c % gridStride == 0);
 }
 
@@ -39,13 +42,13 @@ using feather::tokenKey;
 // flags[i] = 1 if token i is kept (forced grid, or rank among non-grid < quota), else 0.
 __global__ void __launch_bounds__(kRankBlock) rankSelectKernel(
     float const* __restrict__ scores, int32_t n, int32_t quota, int32_t gridSide, int32_t gridStride,
-    int32_t* __restrict__ flags)
+    int32_t rasterOffset, int32_t* __restrict__ flags)
 {
     __shared__ uint64_t tile[kRankBlock];
 
     int32_t const i = blockIdx.x * kRankBlock + threadIdx.x;
     bool const valid = i < n;
-    bool const grid = valid && isForcedGrid(i, gridSide, gridStride);
+    bool const grid = valid && isForcedGrid(i, gridSide, gridStride, rasterOffset);
     uint64_t const mine = valid ? tokenKey(scores[i], i) : 0ull;
 
     int32_t rank = 0;
@@ -53,7 +56,8 @@ __global__ void __launch_bounds__(kRankBlock) rankSelectKernel(
     {
         int32_t const j = base + threadIdx.x;
         // Grid tokens and padding get key 0, which is never greater than a real key.
-        tile[threadIdx.x] = (j < n && !isForcedGrid(j, gridSide, gridStride)) ? tokenKey(scores[j], j) : 0ull;
+        tile[threadIdx.x]
+            = (j < n && !isForcedGrid(j, gridSide, gridStride, rasterOffset)) ? tokenKey(scores[j], j) : 0ull;
         __syncthreads();
         if (valid && !grid)
         {
@@ -247,9 +251,9 @@ const char* feather_select_status_string(int status)
     }
 }
 
-int32_t feather_forced_grid_count(int32_t n, int32_t grid_side, int32_t grid_stride)
+int32_t feather_forced_grid_count(int32_t n, int32_t grid_side, int32_t grid_stride, int32_t raster_offset)
 {
-    if (n < 0 || grid_side < 0 || grid_stride < 0)
+    if (n < 0 || grid_side < 0 || grid_stride < 0 || raster_offset < 0)
     {
         return -1;
     }
@@ -261,8 +265,9 @@ int32_t feather_forced_grid_count(int32_t n, int32_t grid_side, int32_t grid_str
     {
         return -1;
     }
-    int64_t const fullRows = n / grid_side;
-    int64_t const rest = n % grid_side;
+    int64_t const raster = n > raster_offset ? n - raster_offset : 0; // tokens on the raster
+    int64_t const fullRows = raster / grid_side;
+    int64_t const rest = raster % grid_side;
     int64_t count = countMultiples(fullRows, grid_stride) * countMultiples(grid_side, grid_stride);
     if (rest > 0 && fullRows % grid_stride == 0)
     {
@@ -281,13 +286,13 @@ size_t feather_select_workspace_bytes(int32_t n)
 }
 
 int feather_select_tokens(const float* scores, int32_t n, int32_t budget, int32_t grid_side, int32_t grid_stride,
-    int64_t* kept_out, void* workspace, size_t workspace_bytes, cudaStream_t stream)
+    int32_t raster_offset, int64_t* kept_out, void* workspace, size_t workspace_bytes, cudaStream_t stream)
 {
     if (scores == nullptr || kept_out == nullptr || n <= 0 || budget < 1 || budget > n)
     {
         return FEATHER_SELECT_ERR_INVALID_ARGUMENT;
     }
-    int32_t const forced = feather_forced_grid_count(n, grid_side, grid_stride);
+    int32_t const forced = feather_forced_grid_count(n, grid_side, grid_stride, raster_offset);
     if (forced < 0 || forced > budget)
     {
         return FEATHER_SELECT_ERR_INVALID_ARGUMENT;
@@ -303,7 +308,8 @@ int feather_select_tokens(const float* scores, int32_t n, int32_t budget, int32_
 
     unsigned const rankBlocks = static_cast<unsigned>((n + kRankBlock - 1) / kRankBlock);
     clearStaleLaunchError();
-    rankSelectKernel<<<rankBlocks, kRankBlock, 0, stream>>>(scores, n, quota, gridSide, gridStride, flags);
+    rankSelectKernel<<<rankBlocks, kRankBlock, 0, stream>>>(
+        scores, n, quota, gridSide, gridStride, raster_offset, flags);
     if (launchStatus() != FEATHER_SELECT_OK)
     {
         return FEATHER_SELECT_ERR_CUDA;

@@ -6,8 +6,10 @@
  * both call them).
  *
  * Selection rule (must match the ONNX function body / exporter reference bit for bit):
- *   forced grid G = { i < N : (i / grid_side) % grid_stride == 0 and
- *                             (i % grid_side) % grid_stride == 0 }   when grid_stride > 0
+ *   token i is raster token r = i - raster_offset (raster_offset image tokens, e.g. a CLS under
+ *   strategy "full", precede the raster and are never forced):
+ *   forced grid G = { i < N : r >= 0 and (r / grid_side) % grid_stride == 0 and
+ *                             (r % grid_side) % grid_stride == 0 }   when grid_stride > 0
  *                 = {}                                              when grid_stride == 0
  *   The B - |G| remaining slots go to the highest-scoring tokens outside G.
  *   Order among non-grid tokens: higher score first; equal scores -> lower index first.
@@ -58,9 +60,10 @@ enum FeatherSelectStatus
 FEATHER_KERNEL_API const char* feather_select_status_string(int status);
 
 /* |G| for the given parameters (0 when grid_stride == 0). Host-only, O(1).
- * Returns -1 for invalid parameters (n < 0, grid_side < 0, grid_stride < 0,
+ * Returns -1 for invalid parameters (n < 0, grid_side < 0, grid_stride < 0, raster_offset < 0,
  * or grid_stride > 0 with grid_side == 0). */
-FEATHER_KERNEL_API int32_t feather_forced_grid_count(int32_t n, int32_t grid_side, int32_t grid_stride);
+FEATHER_KERNEL_API int32_t feather_forced_grid_count(
+    int32_t n, int32_t grid_side, int32_t grid_stride, int32_t raster_offset);
 
 /* Device workspace feather_select_tokens needs for n image tokens (bytes, 256-aligned). */
 FEATHER_KERNEL_API size_t feather_select_workspace_bytes(int32_t n);
@@ -68,9 +71,10 @@ FEATHER_KERNEL_API size_t feather_select_workspace_bytes(int32_t n);
 /* Compute the B kept indices (sorted ascending) into kept_out[0..budget).
  * scores: device float[n]; kept_out: device int64[budget]; workspace: device memory of
  * at least feather_select_workspace_bytes(n) bytes.
- * Requires 1 <= budget <= n and |G| <= budget. */
+ * Requires 1 <= budget <= n, raster_offset >= 0 and |G| <= budget. */
 FEATHER_KERNEL_API int feather_select_tokens(const float* scores, int32_t n, int32_t budget, int32_t grid_side,
-    int32_t grid_stride, int64_t* kept_out, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+    int32_t grid_stride, int32_t raster_offset, int64_t* kept_out, void* workspace, size_t workspace_bytes,
+    cudaStream_t stream);
 
 /* Gather rows of a [1, seq_len, num_cols] tensor of elem_bytes-sized elements
  * (elem_bytes in {1, 2, 4, 8}: fp16/bf16 -> 2, fp32 -> 4, int64 position ids -> 8 with

@@ -9,9 +9,12 @@
  *
  * Usage:
  *   select_tokens_kernel_test [--seed S] [--random K] [--cases FILE] [--quiet]
+ *   select_tokens_kernel_test --reference FILE     (CPU only: print the CPU reference's kept
+ *                                                   indices, one line per case, and exit)
  * FILE: one case per line, '#' starts a comment:
- *   n budget grid_side grid_stride s_0 s_1 ... s_{n-1}
- * (scores parsed with strtof, so "nan", "inf", "-inf", "-0" are accepted).
+ *   n budget grid_side grid_stride raster_offset s_0 s_1 ... s_{n-1}
+ * (scores parsed with strtof, so "nan", "inf", "-inf", "-0" are accepted; raster_offset: image
+ * tokens before the raster, e.g. 1 for a CLS under strategy "full", never on the grid).
  */
 #include "select_tokens_kernel.h"
 
@@ -40,18 +43,21 @@ struct Case
     int32_t budget{0};
     int32_t gridSide{0};
     int32_t gridStride{0};
+    int32_t rasterOffset{0};
     std::vector<float> scores;
 };
 
 // ---------------------------------------------------------------- CPU reference
 
-bool refIsGrid(int32_t i, int32_t side, int32_t stride)
+// Token i is raster token r = i - offset; the offset tokens before the raster are never on the grid.
+bool refIsGrid(int32_t i, int32_t side, int32_t stride, int32_t offset)
 {
-    if (stride <= 0)
+    int32_t const r = i - offset;
+    if (stride <= 0 || r < 0)
     {
         return false;
     }
-    return ((i / side) % stride == 0) && ((i % side) % stride == 0);
+    return ((r / side) % stride == 0) && ((r % side) % stride == 0);
 }
 
 // true when token a (score sa) ranks before token b (score sb).
@@ -77,7 +83,7 @@ std::vector<int64_t> refSelect(Case const& c)
     std::vector<int32_t> others;
     for (int32_t i = 0; i < c.n; ++i)
     {
-        if (refIsGrid(i, c.gridSide, c.gridStride))
+        if (refIsGrid(i, c.gridSide, c.gridStride, c.rasterOffset))
         {
             kept.push_back(i);
         }
@@ -181,7 +187,7 @@ std::string formatIndices(std::vector<int64_t> const& v, size_t at)
 bool runCase(Case const& c, std::mt19937_64& rng, cudaStream_t stream, bool quiet)
 {
     std::vector<int64_t> const want = refSelect(c);
-    int32_t const forced = feather_forced_grid_count(c.n, c.gridSide, c.gridStride);
+    int32_t const forced = feather_forced_grid_count(c.n, c.gridSide, c.gridStride, c.rasterOffset);
 
     float* dScores = deviceCopy(c.scores);
     int64_t* dKept = nullptr;
@@ -193,7 +199,7 @@ bool runCase(Case const& c, std::mt19937_64& rng, cudaStream_t stream, bool quie
 
     std::string failure;
     int const st = feather_select_tokens(
-        dScores, c.n, c.budget, c.gridSide, c.gridStride, dKept, dWs, wsBytes, stream);
+        dScores, c.n, c.budget, c.gridSide, c.gridStride, c.rasterOffset, dKept, dWs, wsBytes, stream);
     if (st != FEATHER_SELECT_OK)
     {
         failure = std::string("feather_select_tokens returned ") + feather_select_status_string(st);
@@ -275,9 +281,9 @@ bool runCase(Case const& c, std::mt19937_64& rng, cudaStream_t stream, bool quie
     bool const ok = failure.empty();
     if (!ok || !quiet)
     {
-        std::printf("%s %-28s N=%-5d B=%-5d side=%-3d stride=%-2d |G|=%-4d S=%-5lld %s\n", ok ? "PASS" : "FAIL",
-            c.name.c_str(), c.n, c.budget, c.gridSide, c.gridStride, forced, static_cast<long long>(seqLen),
-            failure.c_str());
+        std::printf("%s %-28s N=%-5d B=%-5d side=%-3d stride=%-2d offset=%-2d |G|=%-4d S=%-5lld %s\n",
+            ok ? "PASS" : "FAIL", c.name.c_str(), c.n, c.budget, c.gridSide, c.gridStride, c.rasterOffset, forced,
+            static_cast<long long>(seqLen), failure.c_str());
     }
     return ok;
 }
@@ -306,7 +312,8 @@ std::vector<float> tiedScores(int32_t n, int32_t levels, std::mt19937_64& rng)
     return s;
 }
 
-Case makeCase(std::string name, int32_t n, int32_t budget, int32_t side, int32_t stride, std::vector<float> scores)
+Case makeCase(std::string name, int32_t n, int32_t budget, int32_t side, int32_t stride, std::vector<float> scores,
+    int32_t offset = 0)
 {
     Case c;
     c.name = std::move(name);
@@ -314,6 +321,7 @@ Case makeCase(std::string name, int32_t n, int32_t budget, int32_t side, int32_t
     c.budget = budget;
     c.gridSide = side;
     c.gridStride = stride;
+    c.rasterOffset = offset;
     c.scores = std::move(scores);
     return c;
 }
@@ -332,13 +340,28 @@ std::vector<Case> builtinCases(std::mt19937_64& rng)
     cases.push_back(makeCase("all_equal_budget1", 576, 1, 24, 0, std::vector<float>(576, 0.0f)));
     cases.push_back(makeCase("budget_eq_N", 576, 576, 24, 2, randomScores(576, rng)));
     {
-        int32_t const g = feather_forced_grid_count(576, 24, 4);
+        int32_t const g = feather_forced_grid_count(576, 24, 4, 0);
         cases.push_back(makeCase("grid_only_budget_eq_G", 576, g, 24, 4, randomScores(576, rng)));
     }
     {
-        int32_t const g = feather_forced_grid_count(576, 24, 1);
+        int32_t const g = feather_forced_grid_count(576, 24, 1, 0);
         cases.push_back(makeCase("stride1_all_grid", 576, g, 24, 1, randomScores(576, rng)));
     }
+    // a CLS image token before the 24 x 24 raster (strategy "full"): N = 577, raster_offset 1
+    cases.push_back(makeCase("cls_random_grid_s3", 577, 144, 24, 3, randomScores(577, rng), 1));
+    cases.push_back(makeCase("cls_all_equal_grid", 577, 100, 24, 4, std::vector<float>(577, 0.5f), 1));
+    {
+        int32_t const g = feather_forced_grid_count(577, 24, 3, 1);
+        std::vector<float> s = randomScores(577, rng);
+        s[0] = 100.0f; // the CLS scores highest but the quota is 0: only the grid is kept
+        cases.push_back(makeCase("cls_grid_only_budget_eq_G", 577, g, 24, 3, s, 1));
+    }
+    {
+        std::vector<float> s = tiedScores(257, 3, rng);
+        s[0] = -inf; // the CLS scores lowest and is never forced
+        cases.push_back(makeCase("cls_lowest_not_forced", 257, 200, 16, 2, s, 1));
+    }
+    cases.push_back(makeCase("two_before_raster", 66, 20, 8, 3, randomScores(66, rng), 2));
     {
         std::vector<float> s = randomScores(300, rng);
         for (int32_t i = 0; i < 300; i += 7)
@@ -389,11 +412,12 @@ std::vector<Case> randomCases(int32_t count, std::mt19937_64& rng)
         int32_t const n = std::uniform_int_distribution<int32_t>(1, 3000)(rng);
         int32_t side = std::uniform_int_distribution<int32_t>(0, 64)(rng);
         int32_t stride = side > 0 ? std::uniform_int_distribution<int32_t>(0, 6)(rng) : 0;
-        int32_t const forced = feather_forced_grid_count(n, side, stride);
+        int32_t const offset = std::uniform_int_distribution<int32_t>(0, 2)(rng);
+        int32_t const forced = feather_forced_grid_count(n, side, stride, offset);
         int32_t const budget = std::uniform_int_distribution<int32_t>(std::max(1, forced), n)(rng);
         int32_t const levels = std::uniform_int_distribution<int32_t>(1, 40)(rng);
         std::vector<float> s = (k % 3 == 0) ? randomScores(n, rng) : tiedScores(n, levels, rng);
-        cases.push_back(makeCase("random_" + std::to_string(k), n, budget, side, stride, std::move(s)));
+        cases.push_back(makeCase("random_" + std::to_string(k), n, budget, side, stride, std::move(s), offset));
     }
     return cases;
 }
@@ -427,9 +451,10 @@ bool readCases(std::string const& path, std::vector<Case>& out)
         {
             continue;
         }
-        if (tok.size() < 4)
+        if (tok.size() < 5)
         {
-            std::fprintf(stderr, "%s:%d: expected 'n budget grid_side grid_stride scores...'\n", path.c_str(), lineNo);
+            std::fprintf(stderr, "%s:%d: expected 'n budget grid_side grid_stride raster_offset scores...'\n",
+                path.c_str(), lineNo);
             return false;
         }
         Case c;
@@ -438,11 +463,12 @@ bool readCases(std::string const& path, std::vector<Case>& out)
         c.budget = std::atoi(tok[1].c_str());
         c.gridSide = std::atoi(tok[2].c_str());
         c.gridStride = std::atoi(tok[3].c_str());
-        for (size_t k = 4; k < tok.size(); ++k)
+        c.rasterOffset = std::atoi(tok[4].c_str());
+        for (size_t k = 5; k < tok.size(); ++k)
         {
             c.scores.push_back(std::strtof(tok[k].c_str(), nullptr));
         }
-        int32_t const forced = feather_forced_grid_count(c.n, c.gridSide, c.gridStride);
+        int32_t const forced = feather_forced_grid_count(c.n, c.gridSide, c.gridStride, c.rasterOffset);
         if (c.n < 1 || static_cast<size_t>(c.n) != c.scores.size() || c.budget < 1 || c.budget > c.n || forced < 0
             || forced > c.budget)
         {
@@ -465,19 +491,28 @@ bool hostChecks()
         {
             for (int32_t stride : {0, 1, 2, 3, 4, 7})
             {
-                int32_t brute = 0;
-                for (int32_t i = 0; i < n; ++i)
+                for (int32_t offset : {0, 1, 2, 5, 3000})
                 {
-                    brute += refIsGrid(i, side, stride) ? 1 : 0;
-                }
-                if (brute != feather_forced_grid_count(n, side, stride))
-                {
-                    std::printf("FAIL grid_count n=%d side=%d stride=%d got %d want %d\n", n, side, stride,
-                        feather_forced_grid_count(n, side, stride), brute);
-                    ok = false;
+                    int32_t brute = 0;
+                    for (int32_t i = 0; i < n; ++i)
+                    {
+                        brute += refIsGrid(i, side, stride, offset) ? 1 : 0;
+                    }
+                    int32_t const got = feather_forced_grid_count(n, side, stride, offset);
+                    if (brute != got)
+                    {
+                        std::printf("FAIL grid_count n=%d side=%d stride=%d offset=%d got %d want %d\n", n, side,
+                            stride, offset, got, brute);
+                        ok = false;
+                    }
                 }
             }
         }
+    }
+    if (feather_forced_grid_count(16, 4, 2, -1) != -1)
+    {
+        std::printf("FAIL grid_count accepts a negative raster_offset\n");
+        ok = false;
     }
     float dummyScore = 0.0f;
     int64_t dummyKept = 0;
@@ -490,15 +525,23 @@ bool hostChecks()
             ok = false;
         }
     };
-    expect("budget 0", feather_select_tokens(&dummyScore, 4, 0, 0, 0, &dummyKept, ws, sizeof(ws), nullptr),
+    expect("budget 0", feather_select_tokens(&dummyScore, 4, 0, 0, 0, 0, &dummyKept, ws, sizeof(ws), nullptr),
         FEATHER_SELECT_ERR_INVALID_ARGUMENT);
-    expect("budget > n", feather_select_tokens(&dummyScore, 4, 5, 0, 0, &dummyKept, ws, sizeof(ws), nullptr),
+    expect("budget > n", feather_select_tokens(&dummyScore, 4, 5, 0, 0, 0, &dummyKept, ws, sizeof(ws), nullptr),
         FEATHER_SELECT_ERR_INVALID_ARGUMENT);
-    expect("|G| > budget", feather_select_tokens(&dummyScore, 16, 3, 4, 2, &dummyKept, ws, sizeof(ws), nullptr),
+    expect("|G| > budget", feather_select_tokens(&dummyScore, 16, 3, 4, 2, 0, &dummyKept, ws, sizeof(ws), nullptr),
         FEATHER_SELECT_ERR_INVALID_ARGUMENT);
-    expect("stride without side", feather_select_tokens(&dummyScore, 16, 8, 0, 2, &dummyKept, ws, sizeof(ws), nullptr),
+    expect("|G| > budget after the offset",
+        feather_select_tokens(&dummyScore, 17, 3, 4, 2, 1, &dummyKept, ws, sizeof(ws), nullptr),
         FEATHER_SELECT_ERR_INVALID_ARGUMENT);
-    expect("workspace too small", feather_select_tokens(&dummyScore, 4096, 8, 0, 0, &dummyKept, ws, sizeof(ws), nullptr),
+    expect("negative raster_offset",
+        feather_select_tokens(&dummyScore, 16, 8, 4, 2, -1, &dummyKept, ws, sizeof(ws), nullptr),
+        FEATHER_SELECT_ERR_INVALID_ARGUMENT);
+    expect("stride without side",
+        feather_select_tokens(&dummyScore, 16, 8, 0, 2, 0, &dummyKept, ws, sizeof(ws), nullptr),
+        FEATHER_SELECT_ERR_INVALID_ARGUMENT);
+    expect("workspace too small",
+        feather_select_tokens(&dummyScore, 4096, 8, 0, 0, 0, &dummyKept, ws, sizeof(ws), nullptr),
         FEATHER_SELECT_ERR_WORKSPACE);
     expect("gather seq_len < n",
         feather_gather_rows(ws, ws, 3, 4, 2, 4, 2, &dummyKept, &dummyKept, nullptr), FEATHER_SELECT_ERR_INVALID_ARGUMENT);
@@ -538,6 +581,7 @@ int main(int argc, char** argv)
     int32_t nbRandom = 40;
     bool quiet = false;
     std::vector<std::string> caseFiles;
+    std::string referenceFile;
     for (int k = 1; k < argc; ++k)
     {
         std::string const a = argv[k];
@@ -553,15 +597,38 @@ int main(int argc, char** argv)
         {
             caseFiles.emplace_back(argv[++k]);
         }
+        else if (a == "--reference" && k + 1 < argc)
+        {
+            referenceFile = argv[++k];
+        }
         else if (a == "--quiet")
         {
             quiet = true;
         }
         else
         {
-            std::fprintf(stderr, "usage: %s [--seed S] [--random K] [--cases FILE] [--quiet]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--seed S] [--random K] [--cases FILE] [--quiet] | --reference FILE\n",
+                argv[0]);
             return 2;
         }
+    }
+    if (!referenceFile.empty()) // CPU only: the reference's choice, to check it against the Python oracle
+    {
+        std::vector<Case> cases;
+        if (!readCases(referenceFile, cases))
+        {
+            return 2;
+        }
+        for (auto const& c : cases)
+        {
+            std::vector<int64_t> const kept = refSelect(c);
+            for (size_t k = 0; k < kept.size(); ++k)
+            {
+                std::printf(k ? " %lld" : "%lld", static_cast<long long>(kept[k]));
+            }
+            std::printf("\n");
+        }
+        return 0;
     }
 
     bool ok = hostChecks();

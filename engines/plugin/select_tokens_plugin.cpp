@@ -69,9 +69,15 @@ std::string validateSelectTokensParams(SelectTokensParams const& p)
     {
         err << "grid_stride=" << p.gridStride << " needs grid_side > 0";
     }
+    else if (p.rasterOffset < 0 || p.rasterOffset > p.numImageTokens)
+    {
+        err << "raster_offset must be in [0, num_image_tokens=" << p.numImageTokens << "] (got " << p.rasterOffset
+            << ")";
+    }
     else
     {
-        int32_t const forced = feather_forced_grid_count(p.numImageTokens, p.gridSide, p.gridStride);
+        int32_t const forced
+            = feather_forced_grid_count(p.numImageTokens, p.gridSide, p.gridStride, p.rasterOffset);
         if (forced < 0 || forced > p.budget)
         {
             err << "forced grid has " << forced << " tokens, more than budget=" << p.budget;
@@ -270,7 +276,7 @@ char const* SelectTokensPlugin::getMetadataString() noexcept
         std::ostringstream os;
         os << "budget=" << mParams.budget << ";num_image_tokens=" << mParams.numImageTokens
            << ";grid_side=" << mParams.gridSide << ";grid_stride=" << mParams.gridStride
-           << ";criterion=" << mParams.criterion;
+           << ";raster_offset=" << mParams.rasterOffset << ";criterion=" << mParams.criterion;
         mMetadata = os.str();
         return mMetadata.c_str();
     }
@@ -302,7 +308,8 @@ int32_t SelectTokensPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTen
     int64_t const* imageStart = static_cast<int64_t const*>(inputs[3]);
 
     int status = feather_select_tokens(static_cast<float const*>(inputs[0]), n, b, mParams.gridSide,
-        mParams.gridStride, static_cast<int64_t*>(outputs[0]), workspace, feather_select_workspace_bytes(n), stream);
+        mParams.gridStride, mParams.rasterOffset, static_cast<int64_t*>(outputs[0]), workspace,
+        feather_select_workspace_bytes(n), stream);
     if (status == FEATHER_SELECT_OK)
     {
         status = feather_gather_rows(inputs[1], outputs[1], seqLen, cols, elementBytes(inputDesc[1].type), n, b,
@@ -329,6 +336,7 @@ PluginFieldCollection const* SelectTokensPlugin::getFieldsToSerialize() noexcept
         mSerializedFields.emplace_back("num_image_tokens", &mParams.numImageTokens, PluginFieldType::kINT32, 1);
         mSerializedFields.emplace_back("grid_side", &mParams.gridSide, PluginFieldType::kINT32, 1);
         mSerializedFields.emplace_back("grid_stride", &mParams.gridStride, PluginFieldType::kINT32, 1);
+        mSerializedFields.emplace_back("raster_offset", &mParams.rasterOffset, PluginFieldType::kINT32, 1);
         mSerializedFields.emplace_back("criterion", mParams.criterion.c_str(), PluginFieldType::kCHAR,
             static_cast<int32_t>(mParams.criterion.size() + 1));
         mSerializedCollection.nbFields = static_cast<int32_t>(mSerializedFields.size());
@@ -348,7 +356,7 @@ SelectTokensPluginCreator::SelectTokensPluginCreator()
     : SelectCreatorBase(kSELECT_TOKENS_PLUGIN_NAME,
         {{"budget", nullptr, PluginFieldType::kINT32, 1}, {"num_image_tokens", nullptr, PluginFieldType::kINT32, 1},
           {"grid_side", nullptr, PluginFieldType::kINT32, 1}, {"grid_stride", nullptr, PluginFieldType::kINT32, 1},
-          {"criterion", nullptr, PluginFieldType::kCHAR, 1}})
+          {"raster_offset", nullptr, PluginFieldType::kINT32, 1}, {"criterion", nullptr, PluginFieldType::kCHAR, 1}})
 {
 }
 
@@ -390,6 +398,10 @@ nvinfer1::IPluginV3* SelectTokensPluginCreator::createPlugin(
             else if (field == "grid_stride")
             {
                 readIntField(f, params.gridStride, error);
+            }
+            else if (field == "raster_offset") // optional: absent in nodes without a CLS image token
+            {
+                readIntField(f, params.rasterOffset, error);
             }
             else if (field == "criterion")
             {

@@ -10,7 +10,9 @@
  *          1 hidden_out       T [1, S - N + B, D]
  *          2 position_ids_out int64 [1, S - N + B]
  * Fields : budget (int32, 1..N), num_image_tokens (int32 N >= 1), grid_side (int32 >= 0),
- *          grid_stride (int32 >= 0), criterion (string, informational only).
+ *          grid_stride (int32 >= 0), raster_offset (int32 in 0..N, optional, default 0: image
+ *          tokens before the raster, e.g. a CLS under strategy "full", never on the forced grid),
+ *          criterion (string, informational only).
  *
  * Written against the TensorRT 10.x public headers (>= 10.3, the JetPack 6 version).
  */
@@ -45,6 +47,7 @@ struct SelectTokensParams
     int32_t numImageTokens{0};
     int32_t gridSide{0};
     int32_t gridStride{0};
+    int32_t rasterOffset{0};
     std::string criterion;
 };
 

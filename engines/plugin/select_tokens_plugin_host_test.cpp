@@ -63,9 +63,11 @@ struct Fields
     int32_t n{576};
     int32_t side{24};
     int32_t stride{4};
+    int32_t offset{0};
     std::string criterion{"feather"};
     bool withBudget{true};
     bool withN{true};
+    bool withOffset{false}; // raster_offset is optional (default 0)
     std::vector<PluginField> list;
     PluginFieldCollection fc{};
 
@@ -82,6 +84,10 @@ struct Fields
         }
         list.emplace_back("grid_side", &side, PluginFieldType::kINT32, 1);
         list.emplace_back("grid_stride", &stride, PluginFieldType::kINT32, 1);
+        if (withOffset)
+        {
+            list.emplace_back("raster_offset", &offset, PluginFieldType::kINT32, 1);
+        }
         list.emplace_back("criterion", criterion.c_str(), PluginFieldType::kCHAR,
             static_cast<int32_t>(criterion.size() + 1));
         fc.nbFields = static_cast<int32_t>(list.size());
@@ -281,7 +287,7 @@ int main(int argc, char** argv)
     check(std::strcmp(creator->getPluginVersion(), "1") == 0, "plugin version 1");
     check(std::strcmp(creator->getPluginNamespace(), "feather") == 0, "plugin namespace feather");
     PluginFieldCollection const* names = creator->getFieldNames();
-    check(names != nullptr && names->nbFields == 5, "creator advertises 5 fields");
+    check(names != nullptr && names->nbFields == 6, "creator advertises 6 fields");
 
     // --- invalid attribute sets must return nullptr and log an error (never crash)
     struct BadCase
@@ -298,6 +304,14 @@ int main(int argc, char** argv)
         {"|G| > budget", [](Fields& f) { f.budget = 10; }},
         {"missing budget", [](Fields& f) { f.withBudget = false; }},
         {"missing num_image_tokens", [](Fields& f) { f.withN = false; }},
+        {"negative raster_offset", [](Fields& f) {
+             f.withOffset = true;
+             f.offset = -1;
+         }},
+        {"raster_offset > N", [](Fields& f) {
+             f.withOffset = true;
+             f.offset = 577;
+         }},
     };
     for (auto const& b : bad)
     {
@@ -314,6 +328,24 @@ int main(int argc, char** argv)
         f.build();
         f.list[0].type = PluginFieldType::kFLOAT32;
         check(creator->createPlugin("float", &f.fc, TensorRTPhase::kBUILD) == nullptr, "rejects float budget field");
+    }
+
+    // --- a CLS image token before the 24 x 24 raster (strategy full): N = 577, raster_offset 1
+    {
+        Fields cls;
+        cls.n = 577;
+        cls.withOffset = true;
+        cls.offset = 1;
+        IPluginV3* p = creator->createPlugin("cls", cls.build(), TensorRTPhase::kBUILD);
+        check(p != nullptr, "creates plugin for N=577 raster_offset=1");
+        if (p != nullptr)
+        {
+            auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+            PluginFieldCollection const* ser = rt->getFieldsToSerialize();
+            check(ser != nullptr && readInt(ser, "raster_offset") == 1 && readInt(ser, "num_image_tokens") == 577,
+                "serializes raster_offset");
+            delete p;
+        }
     }
 
     // --- valid plugin
@@ -404,7 +436,7 @@ int main(int argc, char** argv)
     // --- serialization round trip (runtime phase)
     PluginFieldCollection const* ser = runtime->getFieldsToSerialize();
     check(ser != nullptr && readInt(ser, "budget") == 144 && readInt(ser, "num_image_tokens") == 576
-            && readInt(ser, "grid_side") == 24 && readInt(ser, "grid_stride") == 4,
+            && readInt(ser, "grid_side") == 24 && readInt(ser, "grid_stride") == 4 && readInt(ser, "raster_offset") == 0,
         "getFieldsToSerialize");
     IPluginV3* restored = creator->createPlugin("restored", ser, TensorRTPhase::kRUNTIME);
     check(restored != nullptr, "creator rebuilds plugin from serialized fields");

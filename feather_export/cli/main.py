@@ -67,7 +67,7 @@ def cmd_make_tiny(args) -> int:
 def cmd_export(args) -> int:
     from feather_export.export.artifact import export
 
-    out = export(args.model, args.out, _export_options(args), progress=_progress)
+    out = export(args.model, args.out, _export_options(args))      # progress: a bar on a TTY
     print(f"wrote {out}: {_summary(out)}")
     return 0
 
@@ -83,7 +83,7 @@ def cmd_build(args) -> int:
         raise FeatherError(f"{', '.join(engine_flags)} only apply to --backend tensorrt")
     if args.backend == "tensorrt":
         _require_tensorrt()
-    out = export(args.model, args.out, _export_options(args), progress=_progress)
+    out = export(args.model, args.out, _export_options(args))      # progress: a bar on a TTY
     if args.backend == "tensorrt":
         _build_engines(out, args)
         print(f"built {out}: {_summary(out)}, with TensorRT engines in {out}/engines")
@@ -201,11 +201,11 @@ def cmd_check(args) -> int:
 def cmd_validate(args) -> int:
     from feather_export.export.validate import validate_artifact
 
-    model = None
-    if args.model:
-        from feather_export.models.checkpoint import resolve_model
-        model, _ = resolve_model(args.model)
-    checks = validate_artifact(args.artifact, model=model,
+    weights = None
+    if args.model:             # read lazily, layer by layer, like the export itself
+        from feather_export.models.checkpoint import open_weights
+        weights, _ = open_weights(args.model)
+    checks = validate_artifact(args.artifact, weights=weights,
                                progress=lambda m: print(m, file=sys.stderr, flush=True))
     for check in checks:
         print(check.line())
@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("make-tiny", help="write a tiny LLaVA checkpoint directory")
-    p.add_argument("name", help="tiny | tiny-gqa | tiny-mistral | tiny-qwen2-siglip | tiny-llama-siglip")
+    p.add_argument("name", help="tiny | tiny-gqa | tiny-mistral | tiny-qwen2-siglip | tiny-llama-siglip | "
+                   "tiny-clip-full")
     p.add_argument("out", help="checkpoint directory to write (absent or empty)")
     p.set_defaults(func=cmd_make_tiny)
 

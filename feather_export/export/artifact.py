@@ -25,7 +25,7 @@ from feather_export.onnx.quantize import (DEFAULT_BLOCK_SIZE, QMAX, WeightQuant,
 
 WEIGHT_CHOICES = ("float", *QMAX)
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000     # protobuf's limit is 2 GB
+INLINE_LIMIT = 256 << 20    # segments with fewer weight bytes are one .onnx file (protobuf: < 2 GB)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
 
@@ -104,53 +104,59 @@ def check_export(options: ExportOptions, geo, out: Path, config=None) -> PruneCo
 
 def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions,
            progress: Callable[[str], None] | None = None) -> Path:
-    """Export ``model_spec`` (a built-in model name or a checkpoint directory) into ``out_dir``."""
-    from feather_export.models.geometry import geometry_of
-    from feather_export.models.checkpoint import load_config, resolve_model
+    """Export ``model_spec`` (a built-in model name or a checkpoint directory) into ``out_dir``.
 
-    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(out_dir)
+    Everything refusable is refused before any weight is read: options, the config (the model
+    family's checks), the chat template, the output directory, and the free disk space against
+    the artifact's estimated size. Weights are then streamed one tensor at a time.
+    ``progress``: where progress lines go (None: standard error, a bar on a terminal).
+    """
+    from feather_export.export.footprint import check_free_disk, estimated_bytes
     from feather_export.models.chat import prompt_template
-    from feather_export.models.checkpoint import checkpoint_path
-    from feather_export.models.shapes import SHAPE_MODELS
-    from feather_export.models.tiny import TINY_MODELS
+    from feather_export.models.checkpoint import (checkpoint_path, is_builtin, load_config,
+                                                  open_weights)
+    from feather_export.models.geometry import geometry_of
 
+    out = Path(out_dir)
     config = load_config(model_spec)
     cfg = check_export(options, geometry_of(config), out, config)
-    built_in = str(model_spec) in TINY_MODELS or str(model_spec) in SHAPE_MODELS
-    prompt_template(None if built_in else checkpoint_path(model_spec), str(model_spec))
-    say(f"loading model {model_spec}")
-    model, source = resolve_model(model_spec)
-    return export_model(model, str(model_spec), source, out, options, cfg, say)
+    prompt_template(None if is_builtin(model_spec) else checkpoint_path(model_spec),
+                    str(model_spec))
+    weights, source = open_weights(model_spec, config)
+    check_free_disk(out, estimated_bytes(weights, options))
+    return export_model(weights, str(model_spec), source, out, options, cfg, progress)
 
 
-def export_model(model, model_id: str, source: Path | None, out: Path, options: ExportOptions,
-                 cfg: PruneConfig, say: Callable[[str], None]) -> Path:
-    """Write the artifact of an already loaded model (``cfg`` from ``check_export``).
+def export_model(w, model_id: str, source: Path | None, out: Path, options: ExportOptions,
+                 cfg: PruneConfig, progress: Callable[[str], None] | None = None) -> Path:
+    """Write the artifact of the weight source ``w`` (``models.weights``; ``cfg`` from
+    ``check_export``), streaming each segment's weights into its external-data file.
 
     ``source`` is the checkpoint directory (tokenizer and preprocessor are copied from it), or
     None for built-in models (the tiny tokenizer and the tower's preprocessor config are written).
     The manifest stores the rendered chat template (``models.chat``).
     """
+    from feather_export.export.footprint import estimated_bytes
+    from feather_export.export.progress import ExportProgress
     from feather_export.models.chat import prompt_template
     from feather_export.models.geometry import geometry_of
 
-    geo = geometry_of(model.config)
+    geo = geometry_of(w.config)
     et = DTYPES[options.dtype]
     plan = plan_segments(geo.num_layers, cfg)
+    report = ExportProgress(estimated_bytes(w, options), progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "onnx").mkdir()
         segments, opset = [], OPSET
         for i, seg in enumerate(plan, 1):
-            say(f"[{out.name} {i}/{len(plan)}] exporting {seg.name}")
-            onnx_model = _build(model, seg, cfg, geo.grid_side, et, options)
-            segments.append(_save_segment(tmp, seg, onnx_model))
-            opset = max(opset, onnx_model.opset_import[0].version)
-            del onnx_model                       # large models: free each graph once saved
-        files = _copy_inputs(model.config, source, tmp)
-        manifest = _manifest(model, model_id, source, cfg, options, geo, segments, files, opset)
+            segment, seg_opset = _export_segment(w, seg, cfg, geo, et, options, tmp,
+                                                 report, (i, len(plan), out.name))
+            segments.append(segment)
+            opset = max(opset, seg_opset)
+        files = _copy_inputs(w.config, source, tmp)
+        manifest = _manifest(w, model_id, source, cfg, options, geo, segments, files, opset)
         manifest["prompt"] = prompt_template(source, model_id).to_dict()
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
@@ -158,6 +164,44 @@ def export_model(model, model_id: str, source: Path | None, out: Path, options: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _export_segment(w, seg: SegmentPlan, cfg: PruneConfig, geo, et: int, options: ExportOptions,
+                    root: Path, report, position) -> tuple[Segment, int]:
+    """Build one segment with its weights streamed into ``onnx/<name>.onnx.data``; a segment
+    whose weights stay under ``INLINE_LIMIT`` is folded back into one ``.onnx`` file."""
+    import onnx
+
+    from feather_export.onnx.initializers import InitializerStore
+
+    index, count, label = position
+    rel = f"onnx/{seg.name}.onnx"
+    data_rel = f"{rel}.data"
+    store = InitializerStore(root / data_rel)
+    layers = (seg.layers[1] - seg.layers[0] if seg.kind == "decoder"
+              else _vision_layers(w) if seg.kind == "vision" else 0)
+    report.segment(index, count, label, seg.name, layers, store)
+    try:
+        onnx_model = _build(w, seg, cfg, geo.grid_side, et, options, store, report.layer)
+    finally:
+        data_sha = store.close()
+    report.end_segment()
+    data_files = ()
+    if store.tensor_bytes < INLINE_LIMIT:
+        store.inline_into(onnx_model)
+    else:
+        data_files = ({"file": data_rel, "sha256": data_sha},)
+    onnx.save_model(onnx_model, root / rel)
+    segment = Segment(seg.name, seg.kind, rel, sha256_file(root / rel),
+                      _value_infos(onnx_model.graph.input), _value_infos(onnx_model.graph.output),
+                      seg.layers, seg.stage, data_files)
+    return segment, onnx_model.opset_import[0].version
+
+
+def _vision_layers(w) -> int:
+    from feather_export.models.family import vision_spec
+
+    return vision_spec(w.config).run_layers
 
 
 def _check_weights(options: ExportOptions) -> None:
@@ -201,23 +245,25 @@ def _check_output_dir(out: Path) -> None:
                            "choose a new directory (an existing artifact would be replaced)")
 
 
-def _build(model, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, options: ExportOptions):
+def _build(w, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, options: ExportOptions,
+           store=None, on_layer=None):
     from feather_export.onnx.decoder import build_decoder_span, build_embed
     from feather_export.onnx.select import build_select
     from feather_export.onnx.vision import build_vision
 
     if seg.kind == "vision":
-        return build_vision(model, et)
+        return build_vision(w, et, store, on_layer)
     if seg.kind == "embed":
-        return build_embed(model, et)
+        return build_embed(w, et, store)
     if seg.kind == "decoder":
         a, b = seg.layers
-        final = b == model.config.text_config.num_hidden_layers
-        return build_decoder_span(model, a, b, et, final=final, score_layer=seg.score_layer,
+        final = b == w.config.text_config.num_hidden_layers
+        return build_decoder_span(w, a, b, et, final=final, score_layer=seg.score_layer,
                                   score_criterion=seg.score_criterion,
                                   quant=options.decoder_quant(),
-                                  lm_head_quant=options.lm_head_quant())
-    onnx_model = build_select(model, cfg.stages[seg.stage], side, et)
+                                  lm_head_quant=options.lm_head_quant(), store=store,
+                                  on_layer=on_layer)
+    onnx_model = build_select(w, cfg.stages[seg.stage], side, et)
     if options.trt_plugin_only:
         del onnx_model.functions[:]
     return onnx_model
@@ -230,25 +276,6 @@ def _value_infos(values) -> tuple[dict, ...]:
         shape = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
         out.append({"name": v.name, "shape": shape, "dtype": DTYPE_NAMES.get(t.elem_type, "?")})
     return tuple(out)
-
-
-def _save_segment(root: Path, seg: SegmentPlan, onnx_model) -> Segment:
-    import onnx
-
-    rel = f"onnx/{seg.name}.onnx"
-    size = sum(len(t.raw_data) for t in onnx_model.graph.initializer)
-    data_files = ()
-    if size > EXTERNAL_DATA_THRESHOLD:
-        data_rel = f"onnx/{seg.name}.onnx.data"
-        onnx.save_model(onnx_model, root / rel, save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=f"{seg.name}.onnx.data",
-                        size_threshold=1024)
-        data_files = ({"file": data_rel, "sha256": sha256_file(root / data_rel)},)
-    else:
-        onnx.save_model(onnx_model, root / rel)
-    return Segment(seg.name, seg.kind, rel, sha256_file(root / rel),
-                   _value_infos(onnx_model.graph.input), _value_infos(onnx_model.graph.output),
-                   seg.layers, seg.stage, data_files)
 
 
 def _copy_inputs(config, source: Path | None, tmp: Path) -> list[dict]:
@@ -276,7 +303,7 @@ def _copy_inputs(config, source: Path | None, tmp: Path) -> list[dict]:
     return [{"file": str(f.relative_to(tmp)), "sha256": sha256_file(f)} for f in files]
 
 
-def _manifest(model, model_id: str, source, cfg: PruneConfig, options: ExportOptions, geo,
+def _manifest(w, model_id: str, source, cfg: PruneConfig, options: ExportOptions, geo,
               segments: list[Segment], files: list[dict], opset: int) -> dict:
     import onnx
     import torch
@@ -286,11 +313,10 @@ def _manifest(model, model_id: str, source, cfg: PruneConfig, options: ExportOpt
     from feather_export.onnx.decoder import attn_geometry
     from feather_export.models.checkpoint import BUILTIN_CHECKPOINTS
 
-    text = model.config.text_config
+    text = w.config.text_config
     heads, kv_heads, head_dim = attn_geometry(text)
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-    config_json = model.config.to_json_string(use_diff=False)
+    eos = w.eos_token_ids
+    config_json = w.config.to_json_string(use_diff=False)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -299,8 +325,8 @@ def _manifest(model, model_id: str, source, cfg: PruneConfig, options: ExportOpt
                   else str(Path(source).resolve()),
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
             "num_layers": geo.num_layers, "num_image_tokens": geo.num_image_tokens,
-            "grid_side": geo.grid_side, "image_size": model.config.vision_config.image_size,
-            "image_token_id": model.config.image_token_index, "hidden_size": text.hidden_size,
+            "grid_side": geo.grid_side, "image_size": w.config.vision_config.image_size,
+            "image_token_id": w.config.image_token_index, "hidden_size": text.hidden_size,
             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
             "intermediate_size": text.intermediate_size, "vocab_size": text.vocab_size,
             "eos_token_ids": [int(e) for e in eos],

@@ -9,6 +9,7 @@ from the PyTorch layer on a random layer input, so the scores are checked end to
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}   # max abs error / max(1
 # activations to int8 per block inside the GEMM, which dominates the error.
 QUANT_TOLERANCE = {"int8": 3e-2, "int4": 3e-2}
 MIN_KEPT_OVERLAP = {"fp32": 1.0, "fp16": 0.9, "bf16": 0.9}
+LAYERWISE_BYTES = 1 << 30      # decoder spans with more weight bytes run one layer at a time
 
 
 @dataclass(frozen=True)
@@ -39,19 +41,31 @@ class OutputCheck:
 
 
 def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cpu",
-                      seed: int = 0, progress=None) -> list[OutputCheck]:
-    """Run every segment both ways; returns one check per output (kept indices included)."""
+                      seed: int = 0, progress=None, weights=None,
+                      layerwise: bool = False) -> list[OutputCheck]:
+    """Run every segment both ways; returns one check per output (kept indices included).
+
+    The reference is transformers' own modules with the checkpoint's weights (``weights``: a
+    ``models.weights`` source; else ``model``, a loaded torch model; else the manifest's model),
+    loaded span by span: decoder layers one at a time (``methods.lazy``). Decoder spans whose
+    weights exceed ``LAYERWISE_BYTES`` (or all, with ``layerwise``) run in ONNX Runtime as
+    one-layer pieces cut from their own graph (``run_layerwise``), so a 7B artifact is checked
+    in a few GB.
+    """
     import torch
     from feather_runtime.backends import get_backend
     from feather_runtime.manifest import load_manifest
 
-    from feather_export.models.checkpoint import resolve_model
+    from feather_export.methods.lazy import LazyLlava
+    from feather_export.models.checkpoint import open_weights
+    from feather_export.models.weights import ModelWeights
 
     manifest = load_manifest(out_dir)
-    if model is None:
-        model, _ = resolve_model(manifest["model"]["id"])
-    config_hash = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()
-    if config_hash != manifest["model"]["config_sha256"]:
+    if weights is None:
+        weights = (ModelWeights(model) if model is not None
+                   else open_weights(manifest["model"]["id"])[0])
+    config_json = weights.config.to_json_string(use_diff=False)
+    if hashlib.sha256(config_json.encode()).hexdigest() != manifest["model"]["config_sha256"]:
         raise FeatherError(f"the model given does not match the one {out_dir} was exported from "
                            "(config hash differs); pass --model with the original checkpoint")
     dtype = manifest["dtype"]
@@ -59,43 +73,104 @@ def validate_artifact(out_dir, model=None, backend: str | None = "onnxruntime-cp
     tol = max([TOLERANCE[dtype], *(QUANT_TOLERANCE[quant[k]] for k in ("weights", "lm_head")
                                    if quant.get(k) in QUANT_TOLERANCE)])
     if tol > TOLERANCE[dtype]:
-        _dequantize_model(model, quant)
+        weights = DequantizedWeights(weights, quant)
     runner_backend = get_backend(backend)
     rng = np.random.default_rng(seed)
     checks: list[OutputCheck] = []
     with torch.no_grad():
+        reference = LazyLlava(weights)
         for seg in manifest.segments:
             if progress:
                 progress(f"validating {seg.name}")
-            runner = runner_backend.load(manifest.root, seg)
-            feeds, expected = _cases(model, manifest, seg, rng, dtype)
-            got = runner.run(feeds)
+            feeds, expected = _cases(reference, manifest, seg, rng, dtype)
+            if seg.kind == "decoder" and (layerwise or _weight_bytes(manifest.root, seg)
+                                          > LAYERWISE_BYTES):
+                got = run_layerwise(manifest.root, seg, feeds)
+            else:
+                runner = runner_backend.load(manifest.root, seg)
+                got = runner.run(feeds)
+                del runner
             seg_tol = tol if seg.kind == "decoder" else TOLERANCE[dtype]
             for name, ref in expected.items():
                 checks.append(_compare(seg.name, name, got[name], ref, dtype, seg_tol))
     return checks
 
 
-def _dequantize_model(model, quant: dict) -> None:
-    """Replace (in place, one tensor at a time) the decoder linears and lm_head that the artifact
-    stores quantized by their quantize-dequantized values: the reference the graph must equal."""
-    import torch
+def _weight_bytes(root, seg) -> int:
+    return sum((root / f["file"]).stat().st_size for f in seg.data_files)
 
-    from feather_export.onnx.quantize import quantize
 
-    lm = model.model.language_model
-    groups = []
-    if quant.get("weights") in QUANT_TOLERANCE:
-        for layer in lm.layers:
-            a, m = layer.self_attn, layer.mlp
-            groups += [(quant["weights"], mod) for mod in
-                       (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
-    if quant.get("lm_head") in QUANT_TOLERANCE:
-        groups.append((quant["lm_head"], model.lm_head))
-    for kind, module in groups:
-        w = module.weight.detach().float().t().numpy()
-        dq = quantize(w, kind, quant.get("block_size") or 128).dequantize()
-        module.weight.data.copy_(torch.from_numpy(dq).t().to(module.weight.dtype))
+def run_layerwise(root, seg, feeds: dict) -> dict:
+    """Run decoder span ``seg`` as one-layer pieces cut from its graph at the named layer outputs
+    (``onnx.decoder.layer_output_name``) with ``onnx.utils.Extractor``, each in its own ONNX
+    Runtime CPU session over the segment's external-data file, chaining the hidden states: the same graph and weights, one layer loaded at a
+    time. Returns every output of the segment."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    from feather_export.onnx.decoder import layer_output_name
+
+    a, b = seg.layers
+    outputs = [o["name"] for o in seg.outputs]
+    path = root / seg.file
+    extractor = Extractor(onnx.load(str(path), load_external_data=False))
+    hidden_info = next(v for v in extractor.graph.input if v.name == "inputs_embeds")
+    for i in range(a, b):      # shape inference may not reach every layer: declare the cuts
+        info = onnx.ValueInfoProto()
+        info.CopyFrom(hidden_info)
+        info.name = layer_output_name(i)
+        extractor.value_infos.setdefault(info.name, info)
+    options = ort.SessionOptions()
+    # pieces are loaded from bytes; their external data is the segment's own file
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(path.parent))
+    got: dict = {}
+    hidden = "inputs_embeds"
+    for i in range(a, b):
+        own = [n for n in outputs if n.startswith((f"present.{i}.", f"score_query.{i}",
+                                                   f"score_keys.{i}"))]
+        last = [n for n in outputs if n in ("logits", "hidden_states")] if i == b - 1 \
+            else [layer_output_name(i)]
+        inputs = list(dict.fromkeys(["inputs_embeds", hidden, "position_ids", "past_length",
+                                     f"past_key_values.{a}.key", f"past_key_values.{i}.key",
+                                     f"past_key_values.{i}.value"]))
+        piece = extractor.extract_model(inputs, own + last).SerializeToString()
+        session = ort.InferenceSession(piece, options, providers=["CPUExecutionProvider"])
+        names = [x.name for x in session.get_inputs()]
+        values = session.run(own + last, {n: feeds[n] if n in feeds else got[n] for n in names})
+        got.update(zip(own + last, values))
+        hidden = layer_output_name(i)
+        del session, piece
+    return {n: got[n] for n in outputs}
+
+
+class DequantizedWeights:
+    """A weight source whose decoder linears and lm_head, where the artifact stores them
+    quantized, read as their quantize-dequantized values: the reference the graph must equal."""
+
+    _LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|"
+                         r"mlp\.(gate|up|down)_proj)\.weight$")
+
+    def __init__(self, weights, quant: dict):
+        self.inner, self.quant = weights, quant
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get(self, name: str):
+        import torch
+
+        from feather_export.onnx.quantize import quantize
+
+        tensor = self.inner.get(name)
+        kind = (self.quant.get("lm_head") if name == "lm_head.weight"
+                else self.quant.get("weights") if self._LINEAR.match(name) else None)
+        if kind not in QUANT_TOLERANCE:
+            return tensor
+        w = tensor.detach().float().t().numpy()
+        dq = quantize(w, kind, self.quant.get("block_size") or 128).dequantize()
+        return torch.from_numpy(dq).t()
 
 
 def _np_dtype(dtype: str):
@@ -138,7 +213,7 @@ def _vision_case(model, manifest, rng):
 
     size = manifest["model"]["image_size"]
     pixels = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-    features, scores = vision_features(model, torch.from_numpy(pixels))
+    features, scores = vision_features(model.model, torch.from_numpy(pixels))
     return {"pixel_values": pixels}, {"image_features": features.numpy(), "cls_scores": scores.numpy()}
 
 
@@ -146,7 +221,7 @@ def _embed_case(model, manifest, rng):
     import torch
 
     ids = rng.integers(0, manifest["model"]["vocab_size"], size=(1, 13), dtype=np.int64)
-    table = model.model.language_model.embed_tokens
+    table = model.model.model.language_model.embed_tokens
     return {"input_ids": ids}, {"inputs_embeds": table(torch.from_numpy(ids)).numpy()}
 
 
@@ -158,7 +233,7 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
     from feather_export.methods.scoring import score_inputs
 
     m = manifest["model"]
-    lm = model.model.language_model
+    lm = model.model.model.language_model
     a, b = seg.layers
     # the static cache: a buffer of capacity past + 4 whose rows beyond past_length are garbage
     # (large random values) that the graph must mask out; the reference sees the valid rows only
@@ -179,17 +254,18 @@ def _decoder_case(model, manifest, seg, rng, np_dtype, seq=7, past=5):
     expected = {}
     outputs = {o["name"] for o in seg.outputs}
     for i in range(a, b):
-        if f"score_query.{i}" in outputs:
-            criterion = "feather" if f"score_keys.{i}" in outputs else "fastv"
-            query, keys = score_inputs(lm.layers[i], lm.rotary_emb, h, pos, criterion)
-            expected[f"score_query.{i}"] = query.numpy()
-            if criterion == "feather":
-                expected[f"score_keys.{i}"] = keys.numpy()
-        h = run_layer(lm.layers[i], lm.rotary_emb, h, pos, cache, mask)
+        with model.layer(i) as layer:
+            if f"score_query.{i}" in outputs:
+                criterion = "feather" if f"score_keys.{i}" in outputs else "fastv"
+                query, keys = score_inputs(layer, lm.rotary_emb, h, pos, criterion)
+                expected[f"score_query.{i}"] = query.numpy()
+                if criterion == "feather":
+                    expected[f"score_keys.{i}"] = keys.numpy()
+            h = run_layer(layer, lm.rotary_emb, h, pos, cache, mask)
         expected[f"present.{i}.key"] = cache.layers[i].keys[:, :, past:].numpy()      # heads-first
         expected[f"present.{i}.value"] = cache.layers[i].values[:, :, past:].numpy()
     if b == m["num_layers"]:
-        expected["logits"] = lm_logits(model, h[:, -1:]).numpy()[None, None]
+        expected["logits"] = lm_logits(model.model, h[:, -1:]).numpy()[None, None]
     else:
         expected["hidden_states"] = h.numpy()
     return feeds, expected
@@ -199,10 +275,7 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     import torch
 
     from feather_export.methods.config import Stage
-    from feather_export.onnx.select import score_input_names
-    from feather_export.methods.reference import gather_sequence, select_stage
-    from feather_export.methods.scoring import (btp_logits, fastv_scores, feather_scores,
-                                                score_inputs)
+    from feather_export.methods.reference import select_stage
 
     m = manifest["model"]
     stage = Stage(**manifest["prune"]["stages"][seg.stage])
@@ -213,13 +286,26 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
         kept = select_stage(stage, torch.from_numpy(scores), m["grid_side"])
         return ({"cls_scores": scores, "image_features": features},
                 {"kept": kept, "pruned_image_features": features[:, kept]})
-    lm = model.model.language_model
+    lm = model.model.model.language_model
     seq = start + n + text_after
     layer_input = rng.standard_normal((1, seq, d)).astype(np_dtype)
     hidden = rng.standard_normal((1, seq, d)).astype(np_dtype)
     positions = np.sort(rng.choice(seq + 40, size=seq, replace=False)).astype(np.int64)[None]
+    with model.layer(stage.layer - 1) as prev:
+        return _span_select_case(stage, prev, lm.rotary_emb, m, layer_input, hidden, positions,
+                                 start, np_dtype)
+
+
+def _span_select_case(stage, prev, rotary, m, layer_input, hidden, positions, start, np_dtype):
+    import torch
+
+    from feather_export.methods.reference import gather_sequence, select_stage
+    from feather_export.methods.scoring import (btp_logits, fastv_scores, feather_scores,
+                                                score_inputs)
+    from feather_export.onnx.select import score_input_names
+
+    n = stage.num_in
     x, pos = torch.from_numpy(layer_input.astype(np.float32)), torch.from_numpy(positions)
-    prev = lm.layers[stage.layer - 1]
     features = hidden[0, start:start + n].astype(np.float32)
     feeds = {"hidden_states": hidden, "position_ids": positions,
              "image_start": np.asarray(start, np.int64)}
@@ -227,12 +313,12 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     if stage.criterion == "feather":
         scores = feather_scores(prev, x, start, n)
     elif stage.criterion == "btp":
-        scores = btp_logits(prev, lm.rotary_emb, x, pos, start, n)
+        scores = btp_logits(prev, rotary, x, pos, start, n)
     else:
-        scores = fastv_scores(prev, lm.rotary_emb, x, pos, start, n)
+        scores = fastv_scores(prev, rotary, x, pos, start, n)
     kept = select_stage(stage, scores, m["grid_side"], features)
     if stage.keep > 0:               # a 0-count BTP stage drops every image row without scores
-        query, keys = score_inputs(prev, lm.rotary_emb, x, pos, stage.criterion)
+        query, keys = score_inputs(prev, rotary, x, pos, stage.criterion)
         query_name, keys_name = score_input_names(stage)
         feeds.update({query_name: query.numpy().astype(np_dtype),
                       keys_name: keys.numpy().astype(np_dtype)})

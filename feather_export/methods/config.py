@@ -7,7 +7,7 @@ what to change. Nothing here imports torch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
@@ -46,6 +46,10 @@ class Stage:
     candidate_count: int = 0
     seed_count: int = 0
     weight: str = ""
+    # image index of the first raster token in this stage's input: places FEATHER's grid and
+    # BTP's seed (1 when a CLS image token precedes the raster). Set on the first stage only,
+    # whose input is every image token; later stages index ranks in a pruned set.
+    raster_offset: int = 0
     # FasterVLM on crops (LLaVA-NeXT): patches kept per crop; ``keep`` then also counts the
     # tokens in no raster (newlines), which are always kept
     per_crop: int = 0
@@ -146,7 +150,7 @@ class PruneConfig:
                     "base and stitched rasters); use feather, fastv or fastervlm")
             stages = _btp_stages(geometry, budget, schedule, btp_lambda)
             _check_stages(method, stages, geometry)
-            return cls(method, stages)
+            return cls(method, _place_raster(stages, geometry))
         if method == "none":
             if budget is not None or schedule:
                 raise FeatherError("--method none keeps every token; drop --budget/--schedule")
@@ -162,7 +166,14 @@ class PruneConfig:
                    "fastervlm": _fastervlm_stages}[method]
         stages = builder(geometry, budget, schedule, stride)
         _check_stages(method, stages, geometry)
-        return cls(method, stages)
+        return cls(method, _place_raster(stages, geometry))
+
+
+def _place_raster(stages: tuple[Stage, ...], geo: ModelGeometry) -> tuple[Stage, ...]:
+    """The first stage sees every image token: record where the raster starts among them."""
+    if not stages or not geo.raster_offset:
+        return stages
+    return (replace(stages[0], raster_offset=geo.raster_offset), *stages[1:])
 
 
 def _feather_stages(geo: ModelGeometry, budget, schedule, stride) -> tuple[Stage, ...]:

@@ -52,15 +52,16 @@ def select_stage(stage: Stage, scores, layout, features=None) -> np.ndarray:
     side = geo.grid_side if geo is not None else int(layout)
     scores = scores.detach().cpu().numpy() if hasattr(scores, "detach") else np.asarray(scores)
     if stage.criterion == "btp":
-        seed = farthest_point_seed(side, stage.seed_count) if stage.seed_count else None
+        seed = (farthest_point_seed(side, stage.seed_count, stage.raster_offset)
+                if stage.seed_count else None)
         return btp_select(scores, features, stage.keep,
                           stage.attention_count, stage.candidate_count, seed)
     if stage.per_crop:
         return select_per_crop(scores, geo.crops(), stage.per_crop, geo.free_indices())
-    if geo is not None and stage.num_in == geo.num_image_tokens:
+    if geo is not None and not geo.single_raster and stage.num_in == geo.num_image_tokens:
         forced = geo.grid_mask(stage.grid_stride)
     else:
-        forced = grid_mask(stage.num_in, side, stage.grid_stride)
+        forced = grid_mask(stage.num_in, side, stage.grid_stride, stage.raster_offset)
     return select_tokens(scores, stage.keep, forced)
 
 
@@ -167,10 +168,10 @@ def reference_generate(model, pixel_values, input_ids, method: str = "none", bud
 
 def vision_features(model, pixel_values, geometry: ModelGeometry | None = None):
     """Projected image features [1, N, d] by transformers' own ``get_image_features`` (feature
-    layers concatenated, CLS dropped per strategy; LLaVA-NeXT: base raster, then the stitched
-    raster with its newlines, for an image of the geometry's pinpoint size), and FasterVLM's
-    scores [N] in the deepest feature layer (``models.family`` says whether the tower has a CLS
-    token). With crops, each patch is scored in its own crop and newline tokens score 0."""
+    layers concatenated, CLS dropped or kept per strategy; LLaVA-NeXT: base raster, then the
+    stitched raster with its newlines, for an image of the geometry's pinpoint size), and
+    FasterVLM's scores [N] in the deepest feature layer (``models.family`` says whether the tower
+    has a CLS token). With crops, each patch is scored in its own crop and newlines score 0."""
     import torch
 
     from feather_export.methods.scoring import fastervlm_scores
@@ -185,11 +186,11 @@ def vision_features(model, pixel_values, geometry: ModelGeometry | None = None):
     layer = vision_encoder(model).encoder.layers[spec.run_layers - 1]
     hidden = out.hidden_states[spec.run_layers - 1]              # [crops or 1, T, d]
     if not geo.crop_side:
-        return features, fastervlm_scores(layer, hidden, spec.cls_token)
+        return features, fastervlm_scores(layer, hidden, spec.cls_token, spec.keep_cls)
     scores = torch.zeros(geo.num_image_tokens, dtype=torch.float32)
     for crop, index in enumerate(geo.crops()):
         scores[torch.as_tensor(index)] = fastervlm_scores(layer, hidden[crop:crop + 1],
-                                                          spec.cls_token)
+                                                          spec.cls_token, spec.keep_cls)
     return features, scores
 
 

@@ -81,16 +81,19 @@ def score_inputs(layer, rotary, hidden_in, position_ids, criterion: str):
     return q.transpose(0, 1)[None], k[None]
 
 
-def fastervlm_scores(vision_layer, hidden_in, cls_token: bool):
-    """FasterVLM in a vision layer (DESIGN §4). With a CLS token (CLIP): the CLS query's attention
-    over CLS + patches, patch columns only. Without (SigLIP): the attention each patch receives,
-    mean over heads and over all queries."""
+def fastervlm_scores(vision_layer, hidden_in, cls_token: bool, keep_cls: bool = False):
+    """FasterVLM in a vision layer (docs/design.md §4). With a CLS token (CLIP): the CLS query's
+    attention over CLS + patches, mean over heads, image-token columns only: the patches under
+    strategy ``default``; every column under ``full``, where the CLS is an image token (its score
+    is its attention to itself). Without (SigLIP): the attention each patch receives, mean over
+    heads and over all queries."""
     attn = vision_layer.self_attn
     x = vision_layer.layer_norm1(hidden_in.float())[0]          # [T, d]
     k = _heads(attn.k_proj(x), attn.num_heads)
     if cls_token:
         q = _heads(attn.q_proj(x[:1]), attn.num_heads)
-        return _mean_head_probs(q, k, 1)[1:]
+        probs = _mean_head_probs(q, k, 1)
+        return probs if keep_cls else probs[1:]
     import torch
 
     q = _heads(attn.q_proj(x), attn.num_heads)                  # [H, T, hd]

@@ -4,12 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def grid_mask(num_tokens: int, side: int, stride: int) -> np.ndarray:
-    """Boolean mask of the uniform grid: row and column both multiples of ``stride`` (0 = none)."""
+def grid_mask(num_tokens: int, side: int, stride: int, offset: int = 0) -> np.ndarray:
+    """Boolean mask of the uniform grid: raster row and column both multiples of ``stride`` (0 =
+    none). Token i is raster token i - ``offset``; the ``offset`` tokens before the raster (a CLS
+    image token) are never on the grid."""
     if stride <= 0:
         return np.zeros(num_tokens, dtype=bool)
-    idx = np.arange(num_tokens)
-    return ((idx // side) % stride == 0) & ((idx % side) % stride == 0)
+    r = np.arange(num_tokens) - offset
+    return (r >= 0) & ((r // side) % stride == 0) & ((r % side) % stride == 0)
 
 
 def select_tokens(scores: np.ndarray, budget: int, forced: np.ndarray | None = None) -> np.ndarray:
@@ -41,9 +43,10 @@ def select_per_crop(scores: np.ndarray, crops, per_crop: int, always: np.ndarray
 COSINE_EPS = np.float32(1e-12)      # a zero hidden state counts as norm 1e-12 (never NaN)
 
 
-def farthest_point_seed(side: int, count: int) -> np.ndarray:
+def farthest_point_seed(side: int, count: int, offset: int = 0) -> np.ndarray:
     """BTP's spatial seed F: greedy farthest-point sampling on the side x side raster with Manhattan
-    distance, starting from raster index 0, ties to the lower index; ``count`` indices in pick order."""
+    distance, starting from raster index 0, ties to the lower index; ``count`` indices in pick order,
+    as image-token indices (raster index + ``offset``, the tokens before the raster: a CLS)."""
     n = side * side
     count = min(count, n)
     rows, cols = np.divmod(np.arange(n), side)
@@ -56,7 +59,7 @@ def farthest_point_seed(side: int, count: int) -> np.ndarray:
         picked[t] = True
         nearest = np.minimum(nearest, np.abs(rows - rows[t]) + np.abs(cols - cols[t]))
         t = int(np.argmax(np.where(picked, -1, nearest)))       # first maximum: the lower index
-    return np.asarray(order, np.int64)
+    return np.asarray(order, np.int64) + offset
 
 
 def btp_attention_set(logits: np.ndarray, keep: int, attention_count: int,

@@ -125,3 +125,27 @@ def resolve_model(spec: str | os.PathLike):
         return build_shape_model(str(spec)), None
     path = checkpoint_path(spec)
     return load_checkpoint(path), path
+
+
+def is_builtin(spec: str | os.PathLike) -> bool:
+    """A tiny or shape-only model built in-process (not a directory, nor ``tiny-shapes``)."""
+    from feather_export.models.shapes import SHAPE_MODELS
+    from feather_export.models.tiny import TINY_MODELS
+
+    return str(spec) in TINY_MODELS or str(spec) in SHAPE_MODELS
+
+
+def open_weights(spec: str | os.PathLike, config=None):
+    """The weight source of ``spec`` (``models.weights``) and its checkpoint directory (None for
+    models built in-process), reading no weight yet: a checkpoint's safetensors headers only,
+    a shape model's names and shapes. Tiny models are built whole (they are kilobytes)."""
+    from feather_export.models.shapes import SHAPE_MODELS, shape_weights
+    from feather_export.models.tiny import TINY_MODELS, build_tiny_model
+    from feather_export.models.weights import CheckpointWeights, ModelWeights
+
+    if str(spec) in TINY_MODELS:
+        return ModelWeights(build_tiny_model(str(spec))), None
+    if str(spec) in SHAPE_MODELS:
+        return shape_weights(str(spec)), None
+    path = check_checkpoint_dir(checkpoint_path(spec))
+    return CheckpointWeights(path, config if config is not None else load_config(path)), path

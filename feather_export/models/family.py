@@ -127,6 +127,17 @@ class VisionSpec:
         """Encoder layers that run: up to the deepest feature layer."""
         return max(self.feature_layers)
 
+    @property
+    def raster_offset(self) -> int:
+        """Image tokens before the patch raster: 1 (the CLS) under ``full`` on a CLIP tower."""
+        return 1 if self.keep_cls else 0
+
+    def image_token_span(self, raster_tokens: int) -> tuple[int, int]:
+        """(index of the first image token in the tower's hidden states, image-token count N):
+        ``default`` drops the CLS (index 0); ``full`` keeps every position, CLS first."""
+        first = 1 if self.cls_token and not self.keep_cls else 0
+        return first, self.raster_offset + raster_tokens
+
 
 def _family(config, key: str, default: str, table: dict, what: str):
     """(sub-config, its model_type, its family) for ``config[key]``; refuses unknown types."""
@@ -175,9 +186,6 @@ def vision_spec(config) -> VisionSpec:
     if strategy == "default" and not family.cls_token:
         raise FeatherError(f"{kind} has no CLS token: vision_feature_select_strategy 'default' "
                            "would drop a patch and leave no square raster; use 'full'")
-    if strategy == "full" and family.cls_token:
-        raise FeatherError(f"{kind} with vision_feature_select_strategy 'full' (CLS as an image "
-                           "token outside the raster) is not supported yet; use 'default'")
     num = _get(vision, "num_hidden_layers", 24)
     layer = _get(config, "vision_feature_layer", -2)
     layers = [layer] if isinstance(layer, int) and not isinstance(layer, bool) else layer

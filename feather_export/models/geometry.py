@@ -57,37 +57,46 @@ class Raster:
 class ModelGeometry:
     """What the pruning setup needs to know about a model.
 
-    ``rasters`` empty means one ``grid_side`` x ``grid_side`` raster holding every image token.
+    The image tokens (indices 0..N-1 in sequence order) are described by ``rasters``. Empty
+    ``rasters`` means ``raster_offset`` tokens that belong to no raster (the CLS token under
+    strategy ``full`` on a CLIP tower), then the ``grid_side`` x ``grid_side`` patch raster.
     ``crop_side`` > 0: the image is a batch of crops of crop_side x crop_side patches (the base
     image first, then each raster block in row-major order), and FasterVLM selects per crop.
     """
 
     num_layers: int          # decoder layers L
-    num_image_tokens: int    # N (image tokens in the LLM sequence)
-    grid_side: int           # side of the first (base) raster
+    num_image_tokens: int    # N: image tokens in the LLM sequence
+    grid_side: int           # side of the (first, base) patch raster
+    raster_offset: int = 0   # image index of the first raster token (1: CLS before the raster)
     rasters: tuple[Raster, ...] = field(default=())
     crop_side: int = 0
     image_size: tuple[int, int] | None = None   # (H, W) of the image the crops come from (NeXT)
 
     def __post_init__(self) -> None:
         if not self.rasters:
-            if self.grid_side ** 2 != self.num_image_tokens:
+            if self.raster_offset < 0 or self.grid_side ** 2 + self.raster_offset != self.num_image_tokens:
                 raise FeatherError(
-                    f"image tokens ({self.num_image_tokens}) do not form a square grid; "
-                    "only square patch grids are supported")
+                    f"image tokens ({self.num_image_tokens}) are not {self.raster_offset} non-raster "
+                    f"token(s) plus a square grid; only square patch grids are supported")
             side = self.grid_side
-            object.__setattr__(self, "rasters", (Raster(0, side, side, side),))
+            object.__setattr__(self, "rasters", (Raster(self.raster_offset, side, side, side),))
         covered = np.concatenate([r.indices() for r in self.rasters])
         if (len(np.unique(covered)) != len(covered) or covered.min() < 0
                 or covered.max() >= self.num_image_tokens):
             raise FeatherError("the image rasters overlap or fall outside the image tokens")
 
     @property
+    def raster_tokens(self) -> int:
+        return self.grid_side ** 2
+
+    @property
     def single_raster(self) -> bool:
-        """One square raster holding every image token at 0 (what the op's grid attributes describe)."""
+        """One square raster after ``raster_offset`` non-raster tokens holding every other image
+        token (what the op's grid attributes describe)."""
         r = self.rasters[0]
-        return (len(self.rasters) == 1 and r.start == 0 and r.rows == r.cols == r.pitch
-                and r.rows * r.cols == self.num_image_tokens)
+        return (len(self.rasters) == 1 and r.start == self.raster_offset
+                and r.rows == r.cols == r.pitch
+                and r.start + r.rows * r.cols == self.num_image_tokens)
 
     def grid_indices(self, stride: int) -> np.ndarray:
         """The forced grid: every raster's stride grid, united (sorted sequence indices)."""
@@ -108,7 +117,7 @@ class ModelGeometry:
         return max(max(r.rows, r.cols) for r in self.rasters)
 
     def free_indices(self) -> np.ndarray:
-        """Image tokens in no raster (LLaVA-NeXT's newlines), ascending."""
+        """Image tokens in no raster (LLaVA-NeXT's newlines, a leading CLS), ascending."""
         mask = np.ones(self.num_image_tokens, bool)
         for r in self.rasters:
             mask[r.indices()] = False
@@ -132,11 +141,12 @@ def geometry_of(config, resolution=None) -> ModelGeometry:
     does not handle); ``resolution``: LLaVA-NeXT's pinpoint (default the largest square one)."""
     from feather_export.models.family import check_config, model_kind
 
-    check_config(config, resolution=resolution, unexported_ok=True)
+    _, spec = check_config(config, resolution=resolution, unexported_ok=True)
     if model_kind(config).anyres:
         from feather_export.models.anyres import anyres_plan
 
         return anyres_plan(config, resolution).geometry()
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
-    return ModelGeometry(config.text_config.num_hidden_layers, side * side, side)
+    return ModelGeometry(config.text_config.num_hidden_layers, spec.raster_offset + side * side,
+                         side, spec.raster_offset)

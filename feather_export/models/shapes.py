@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from feather_export.errors import FeatherError
 
 SHAPE_SEED = 20261206
@@ -124,45 +122,32 @@ def shape_llava_config(name: str):
                        projector_hidden_act="gelu", tie_word_embeddings=spec.tied)
 
 
+def shape_weights(name: str):
+    """The shape model's weights as a ``ShapeWeights`` source: each tensor generated on request
+    from a seed of the model and the tensor's name (export streams them; nothing is held)."""
+    from feather_export.models.weights import ShapeWeights
+
+    return ShapeWeights(name, shape_llava_config(name), SHAPE_SEED + sum(map(ord, name)), INIT_STD)
+
+
 def build_shape_model(name: str, progress: Callable[[str], None] | None = None):
-    """A ``LlavaForConditionalGeneration`` of the shape, fp32, deterministic N(0, 0.02) weights.
+    """A ``LlavaForConditionalGeneration`` of the shape, fp32, with ``shape_weights(name)``
+    (the same tensors a streamed export writes).
 
     EOS is cleared from the generation config: an artifact exported from it never stops early.
     """
-    import torch
     from transformers import LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
+    from feather_export.models.weights import fill_model
+
     say = progress or (lambda msg: None)
-    config = shape_llava_config(name)
+    weights = shape_weights(name)
     with no_init_weights():                 # allocation only; the weights are filled below
-        model = LlavaForConditionalGeneration(config)
-    rng = np.random.default_rng(SHAPE_SEED + sum(map(ord, name)))
+        model = LlavaForConditionalGeneration(weights.config)
     count = sum(p.numel() for p in model.parameters())
     say(f"filling {count / 1e9:.2f}B random parameters of {name}")
-    with torch.no_grad():
-        for module in model.modules():
-            for pname, p in module.named_parameters(recurse=False):
-                if pname == "weight" and (p.dim() >= 2 or isinstance(module, torch.nn.Embedding)):
-                    _fill_normal(p, rng)
-                elif pname == "weight":                     # norms
-                    p.fill_(1.0)
-                elif pname == "class_embedding":
-                    _fill_normal(p, rng)
-                else:                                       # biases
-                    p.zero_()
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    fill_model(model, weights)
+    model.generation_config.pad_token_id = weights.config.text_config.pad_token_id
     model.generation_config.eos_token_id = None
     return model.eval()
-
-
-def _fill_normal(param, rng, chunk: int = 1 << 24) -> None:
-    """N(0, INIT_STD) from numpy's PCG64 (several times faster than torch's generator), in chunks."""
-    import torch
-
-    flat = param.view(-1)
-    for lo in range(0, flat.numel(), chunk):
-        n = min(chunk, flat.numel() - lo)
-        block = rng.standard_normal(n, dtype=np.float32)
-        block *= INIT_STD
-        flat[lo:lo + n].copy_(torch.from_numpy(block))

@@ -69,6 +69,11 @@ TINY_MODELS: dict[str, TinySpec] = {
                                   feature_layer=(-3, -1), strategy="full",
                                   text_extra=(("attention_bias", True), ("mlp_bias", True)),
                                   chat=("llava", "chat_template.jinja")),
+    # CLIP under strategy full: the CLS is image token 0, before the 16 x 16 raster (N = 257);
+    # two feature layers concatenated; Llama with GQA; LLaVA's template in chat_template.json.
+    "tiny-clip-full": TinySpec(224, 14, 32, 3, 4, 64, 4, 4, 2, 128, 10000.0,
+                               feature_layer=(-3, -1), strategy="full",
+                               chat=("llava", "chat_template.json")),
     # llava-v1.6-mistral-like LLaVA-NeXT (anyres): CLIP 112 px / patch 14 -> 8 x 8 patches per crop,
     # llava-v1.6's pinpoints scaled by 112/336; Mistral without a sliding window, [INST] template.
     # 224x224: 64 + 16 x 16 + 16 newlines = 336 image tokens.
@@ -78,7 +83,7 @@ TINY_MODELS: dict[str, TinySpec] = {
                           pinpoints=((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))),
 }
 
-FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip")
+FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip", "tiny-clip-full")
 NEXT_TINY_MODELS = ("tiny-next",)
 
 
@@ -118,7 +123,8 @@ def small_llava_config(spec, tok, initializer_range: float | None = None):
         bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
         pad_token_id=tok.token_to_id("<pad>"), **({"head_dim": head_dim} if head_dim else {}),
         **dict(getattr(spec, "text_extra", ())), **init)
-    grid = spec.image_size // spec.patch_size
+    from feather_export.models.geometry import geometry_of
+
     feature_layer = getattr(spec, "feature_layer", -2)
     pinpoints = getattr(spec, "pinpoints", ())
     config_cls, extra = LlavaConfig, {}
@@ -126,13 +132,16 @@ def small_llava_config(spec, tok, initializer_range: float | None = None):
         from transformers import LlavaNextConfig
 
         config_cls, extra = LlavaNextConfig, {"image_grid_pinpoints": [list(p) for p in pinpoints]}
-    return config_cls(vision_config=vision, text_config=text,
-                      image_token_index=tok.token_to_id("<image>"),
-                      image_seq_length=grid * grid, tie_word_embeddings=tied,
-                      vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple)
-                      else feature_layer,
-                      vision_feature_select_strategy=getattr(spec, "strategy", "default"),
-                      **extra, **init)
+    config = config_cls(vision_config=vision, text_config=text,
+                        image_token_index=tok.token_to_id("<image>"), tie_word_embeddings=tied,
+                        vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple)
+                        else feature_layer,
+                        vision_feature_select_strategy=getattr(spec, "strategy", "default"),
+                        **extra, **init)
+    # LLaVA: every image token (the CLS too under full); LLaVA-NeXT: the patches of one crop
+    config.image_seq_length = ((spec.image_size // spec.patch_size) ** 2 if pinpoints
+                               else geometry_of(config).num_image_tokens)
+    return config
 
 
 def build_tiny_model(name: str):

@@ -14,49 +14,31 @@ _NUMPY_TYPES = {np.dtype("float32"): 1, np.dtype("float16"): 10, np.dtype("int64
                 np.dtype("int32"): 6, np.dtype("bool"): 9}
 
 
-def tensor_from_torch(name: str, tensor, elem_type: int):
-    """An initializer from a torch tensor, converted to ``elem_type`` (raw little-endian bytes)."""
+def torch_bytes(tensor, elem_type: int) -> np.ndarray:
+    """A torch tensor converted to ``elem_type``, as its raw little-endian bytes (a flat uint8
+    array sharing the converted tensor's memory: no further copy). Conversions between float
+    types are exact where they widen and round once where they narrow, as loading in fp32 and
+    converting would."""
     import torch
-    from onnx import TensorProto
 
     torch_type = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16}[elem_type]
-    t = tensor.detach().to(torch_type).contiguous().cpu()
-    raw = t.view(torch.int16) if elem_type == 16 else t
-    proto = TensorProto(name=name, data_type=elem_type, dims=list(t.shape))
-    proto.raw_data = raw.numpy().tobytes()
-    return proto
+    t = tensor.detach().cpu().to(torch_type).contiguous()
+    return (t.view(torch.int16) if elem_type == 16 else t).numpy().reshape(-1).view(np.uint8)
 
 
 SCALE_TYPES = {1: np.float32, 10: np.float16}             # bf16 artifacts are not quantized
 INT8, INT4 = 3, 22                                          # onnx.TensorProto element types
 
 
-def quantized_codes(name: str, qw):
-    """The codes initializer: INT8 ``[K, N]``, or INT4 packed two per byte."""
-    from onnx import TensorProto
-
-    from feather_export.onnx.quantize import pack_int4
-
-    k, n = qw.codes.shape
-    proto = TensorProto(name=name, data_type=INT8 if qw.block is None else INT4, dims=[k, n])
-    proto.raw_data = qw.codes.tobytes() if qw.block is None else pack_int4(qw.codes)
-    return proto
-
-
-def scales_tensor(name: str, scales: np.ndarray, elem_type: int):
-    from onnx import TensorProto
-
-    proto = TensorProto(name=name, data_type=elem_type, dims=list(scales.shape))
-    proto.raw_data = np.ascontiguousarray(scales).tobytes()
-    return proto
-
-
 class GraphBuilder:
     """Collects nodes and initializers; ``op`` returns the output name(s) of the new node."""
 
-    def __init__(self, name: str, opset: int = OPSET):
-        """``opset``: QUANT_OPSET for graphs that hold quantized weights, else the default."""
+    def __init__(self, name: str, opset: int = OPSET, store=None):
+        """``opset``: QUANT_OPSET for graphs that hold quantized weights, else the default.
+        ``store``: an ``InitializerStore`` that weights are written into as they are added
+        (external data, nothing kept in memory); None keeps them in the graph."""
         self.name = name
+        self.store = store
         self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
         self._counter = itertools.count()
         self._consts: dict[tuple, str] = {}
@@ -77,8 +59,21 @@ class GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
     def weight(self, name: str, tensor, elem_type: int) -> str:
-        self.initializers.append(tensor_from_torch(name, tensor, elem_type))
+        """An initializer from a torch tensor, converted to ``elem_type``."""
+        self.add_raw(name, elem_type, list(tensor.shape), torch_bytes(tensor, elem_type))
         return name
+
+    def add_raw(self, name: str, elem_type: int, dims: list[int], raw) -> None:
+        """An initializer from its raw bytes (bytes or a flat uint8 array): into the store if
+        there is one, else inline."""
+        from onnx import TensorProto
+
+        if self.store is not None:
+            self.initializers.append(self.store.add(name, elem_type, dims, raw))
+            return
+        proto = TensorProto(name=name, data_type=elem_type, dims=dims)
+        proto.raw_data = bytes(raw)
+        self.initializers.append(proto)
 
     def quantized_weight(self, name: str, tensor, elem_type: int, quant) -> str:
         """A ``[K, N]`` weight stored quantized (``quant``: a ``WeightQuant``), returned as the
@@ -89,10 +84,17 @@ class GraphBuilder:
         if self.opset < QUANT_OPSET:
             raise ValueError(f"graph {self.name} was created at opset {self.opset}; quantized "
                              f"weights need GraphBuilder(..., opset={QUANT_OPSET})")
+        from feather_export.onnx.quantize import pack_int4
+
         qw = quantize(tensor.detach().float().cpu().numpy(), quant.kind, quant.block_size,
                       SCALE_TYPES[elem_type])
-        self.initializers.append(quantized_codes(f"{name}_quantized", qw))
-        self.initializers.append(scales_tensor(f"{name}_scale", qw.scales, elem_type))
+        k, n = qw.codes.shape
+        if qw.block is None:          # INT8 [K, N]; INT4 packed two per byte
+            self.add_raw(f"{name}_quantized", INT8, [k, n], qw.codes.tobytes())
+        else:
+            self.add_raw(f"{name}_quantized", INT4, [k, n], pack_int4(qw.codes))
+        self.add_raw(f"{name}_scale", elem_type, list(qw.scales.shape),
+                     np.ascontiguousarray(qw.scales).tobytes())
         attrs = {"axis": 1} if qw.block is None else {"axis": 0, "block_size": qw.block}
         return self.op("DequantizeLinear", f"{name}_quantized", f"{name}_scale",
                        outputs=[name], name=f"{name}_dequantize", **attrs)

@@ -18,52 +18,58 @@ def cast(g: GraphBuilder, x: str, from_type: int, to_type: int) -> str:
     return x if from_type == to_type else g.op("Cast", x, to=to_type)
 
 
-def linear(g: GraphBuilder, x: str, module, prefix: str, et: int, quant=None,
+def linear(g: GraphBuilder, x: str, w, names, prefix: str, et: int, quant=None,
            bias: bool | None = None) -> str:
-    """x @ W^T + b for a torch ``nn.Linear`` (or a list of them fused along the output axis).
+    """x @ W^T + b for the ``nn.Linear`` weights ``names`` of the weight source ``w`` (a module
+    name, or a list of them fused along the output axis), read one tensor at a time.
 
     ``quant`` (a ``WeightQuant``) stores W^T quantized: ``DequantizeLinear`` feeding the MatMul.
-    ``bias``: what the model family's spec says (None: whatever the module has); a module that
-    disagrees with its spec is a checkpoint the spec does not describe, and is refused.
+    ``bias``: what the model family's spec says (None: whatever the checkpoint has); a checkpoint
+    that disagrees with its spec is one the spec does not describe, and is refused.
     """
     import torch
 
-    modules = module if isinstance(module, (list, tuple)) else [module]
-    has = [m.bias is not None for m in modules]
+    names = list(names) if isinstance(names, (list, tuple)) else [names]
+    has = [w.has(f"{n}.bias") for n in names]
     if bias is None:
         bias = has[0]
     if any(h != bias for h in has):
         raise FeatherError(f"{prefix}: the checkpoint's linear biases do not match its config "
                            f"(expected {'a bias' if bias else 'no bias'})")
-    weight = torch.cat([m.weight for m in modules], dim=0).t()
+    parts = [w.get(f"{n}.weight") for n in names]
+    weight = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).t()
+    del parts
     if quant is None:
-        w = g.weight(f"{prefix}.weight", weight, et)
+        out = g.weight(f"{prefix}.weight", weight, et)
     else:
-        w = g.quantized_weight(f"{prefix}.weight", weight, et, quant)
-    y = g.op("MatMul", x, w)
+        out = g.quantized_weight(f"{prefix}.weight", weight, et, quant)
+    del weight
+    y = g.op("MatMul", x, out)
     if bias:
-        bias = torch.cat([m.bias for m in modules])
-        y = g.op("Add", y, g.weight(f"{prefix}.bias", bias, et))
+        y = g.op("Add", y, g.weight(f"{prefix}.bias",
+                                    torch.cat([w.get(f"{n}.bias") for n in names]), et))
     return y
 
 
-def rms_norm(g: GraphBuilder, x: str, module, prefix: str, et: int) -> str:
-    """Llama RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight."""
+def rms_norm(g: GraphBuilder, x: str, w, name: str, prefix: str, et: int, eps: float) -> str:
+    """Llama RMSNorm (weight ``name`` of ``w``): x * rsqrt(mean(x^2) + eps) in fp32, cast back,
+    times the weight."""
     x32 = cast(g, x, et, F32)
     # Pow(x, 2) (not x*x): the form ONNX Runtime fuses at load time into one
     # SimplifiedLayerNormalization kernel; TensorRT takes either
     var = g.reduce_mean(g.op("Pow", x32, g.const(np.float32(2.0), np.float32)), [-1])
-    eps = g.const(np.float32(module.variance_epsilon), np.float32)
+    eps = g.const(np.float32(eps), np.float32)
     normed = g.op("Div", x32, g.op("Sqrt", g.op("Add", var, eps)))
-    return g.op("Mul", cast(g, normed, F32, et), g.weight(f"{prefix}.weight", module.weight, et))
+    return g.op("Mul", cast(g, normed, F32, et), g.weight(f"{prefix}.weight",
+                                                          w.get(f"{name}.weight"), et))
 
 
-def layer_norm(g: GraphBuilder, x: str, module, prefix: str, et: int) -> str:
-    """LayerNorm in fp32 (the ONNX LayerNormalization op)."""
+def layer_norm(g: GraphBuilder, x: str, w, name: str, prefix: str, et: int, eps: float) -> str:
+    """LayerNorm (weight and bias ``name`` of ``w``) in fp32 (the ONNX LayerNormalization op)."""
     y = g.op("LayerNormalization", cast(g, x, et, F32),
-             g.weight(f"{prefix}.weight", module.weight, F32),
-             g.weight(f"{prefix}.bias", module.bias, F32),
-             axis=-1, epsilon=float(module.eps))
+             g.weight(f"{prefix}.weight", w.get(f"{name}.weight"), F32),
+             g.weight(f"{prefix}.bias", w.get(f"{name}.bias"), F32),
+             axis=-1, epsilon=float(eps))
     return cast(g, y, F32, et)
 
 

@@ -67,7 +67,7 @@ def build_select(model, stage: Stage, layout, et: int):
         stride = 0
     select_node(g, ranked, hidden, positions, start, budget=stage.keep, num_image_tokens=n,
                 grid_side=side, grid_stride=stride, criterion=stage.criterion,
-                outputs=outs, name=f"SelectTokens_{stage.layer}")
+                outputs=outs, name=f"SelectTokens_{stage.layer}", raster_offset=stage.raster_offset)
     _outputs(g, outs, stage.keep, d, et)
     g.output(scores, "scores", F32, [n])
     return g.model([select_function()])
@@ -75,7 +75,7 @@ def build_select(model, stage: Stage, layout, et: int):
 
 def _span_select_inputs(model, stage: Stage, et: int):
     """A select graph's inputs from the span before it, and the current image rows."""
-    cfg = model.model.language_model.config
+    cfg = model.config.text_config
     heads, kv_heads, head_dim = attn_geometry(cfg)
     d, n = cfg.hidden_size, stage.num_in
     g = GraphBuilder(f"select_{stage.layer}")
@@ -117,7 +117,8 @@ def build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FI
     logits = g.op("Identity", logits, outputs=["scores"])
     features = g.op("Reshape", g.op("Cast", g.op("Gather", hidden, image_rows, axis=1), to=F32),
                     g.const([n, d]))
-    seed = farthest_point_seed(side, stage.seed_count) if stage.seed_count else []
+    seed = (farthest_point_seed(side, stage.seed_count, stage.raster_offset)
+            if stage.seed_count else [])
     balanced_node(g, logits, features, g.const(seed_priority(n, seed), np.float32), hidden,
                   positions, start, budget=stage.keep, num_image_tokens=n,
                   attention_count=stage.attention_count, candidate_count=stage.candidate_count,
@@ -130,7 +131,7 @@ def build_btp_select(model, stage: Stage, side: int, et: int, fill: str = BTP_FI
 
 def _build_drop_all(model, stage: Stage, et: int):
     """A 0-count stage: every image row is dropped (text rows in order), ``kept`` is empty."""
-    d, n = model.model.language_model.config.hidden_size, stage.num_in
+    d, n = model.config.text_config.hidden_size, stage.num_in
     g = GraphBuilder(f"select_{stage.layer}")
     hidden = g.input("hidden_states", et, [1, "seq", d])
     positions = g.input("position_ids", 7, [1, "seq"])
@@ -171,7 +172,8 @@ def _build_vision_select(model, stage: Stage, side: int, et: int, geo=None):
         scores = _per_crop_ranking(g, scores, geo, stage.per_crop)
     select_node(g, scores, features, positions, g.const(0), budget=stage.keep, num_image_tokens=n,
                 grid_side=side, grid_stride=0, criterion="fastervlm",
-                outputs=["kept_sel", "features_sel", "unused_positions"], name="SelectTokens_0")
+                outputs=["kept_sel", "features_sel", "unused_positions"], name="SelectTokens_0",
+                raster_offset=stage.raster_offset)
     g.output("kept_sel", "kept", 7, [stage.keep])
     g.output("features_sel", "pruned_image_features", et, [1, stage.keep, d])
     return g.model([select_function()])

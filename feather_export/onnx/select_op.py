@@ -4,9 +4,13 @@ Inputs:  scores f32 [N]; hidden T [1, S, D]; position_ids i64 [1, S]; image_star
 Outputs: kept i64 [B] (indices into the current image set, ascending);
          hidden_out T [1, S-N+B, D]; position_ids_out i64 [1, S-N+B].
 Attributes: budget (B), num_image_tokens (N), grid_side, grid_stride (0 = no forced grid),
-            criterion (informational), plugin_namespace / plugin_version (for TensorRT >= 10.7).
+            raster_offset (index of the first raster token: 1 when a CLS image token precedes the
+            raster, else 0), criterion (informational), plugin_namespace / plugin_version (for
+            TensorRT >= 10.7).
 
-Semantics (docs/design.md §4): grid tokens are always kept; the rest of the budget goes to the top-scoring
+Semantics (docs/design.md §4): grid tokens (token i is raster token r = i - raster_offset; on the grid
+when r >= 0 and r's row and column, on the grid_side-wide raster, are multiples of grid_stride) are
+always kept; the rest of the budget goes to the top-scoring
 non-grid tokens, ties to the lower index (ONNX TopK's documented tie rule; NaN scores are
 outside the contract: the CUDA kernel ranks them last, ONNX TopK leaves them unspecified); the image rows of
 ``hidden`` are replaced by the kept rows in ascending order, text rows are untouched.
@@ -19,7 +23,7 @@ from feather_export.onnx.graph import FEATHER_DOMAIN, OPSET, GraphBuilder
 
 OP_TYPE = "SelectTokens"
 PLUGIN_VERSION = "1"
-ATTRIBUTES = ("budget", "num_image_tokens", "grid_side", "grid_stride", "criterion",
+ATTRIBUTES = ("budget", "num_image_tokens", "grid_side", "grid_stride", "raster_offset", "criterion",
               "plugin_namespace", "plugin_version")
 
 
@@ -63,10 +67,14 @@ def select_function():
     budget_1d = op("Unsqueeze", [budget, const("axis0", [0])], "budget_1d")
     n = op("Squeeze", [op("Shape", ["scores"], "scores_shape"), const("axes0", [0])], "n")
     idx = op("Range", [zero, n, one], "idx")
+    # raster index r = i - raster_offset; tokens before the raster (r < 0) are never on the grid
+    raster = op("Sub", [idx, attr_int("raster_offset")], "raster_raw")
+    on_raster = op("GreaterOrEqual", [raster, zero], "on_raster")
+    raster = op("Max", [raster, zero], "raster")
     side1, stride1 = op("Max", [side, one], "side1"), op("Max", [stride, one], "stride1")
-    on_row = op("Equal", [op("Mod", [op("Div", [idx, side1], "row"), stride1], "row_m"), zero], "on_row")
-    on_col = op("Equal", [op("Mod", [op("Mod", [idx, side1], "col"), stride1], "col_m"), zero], "on_col")
-    grid = op("And", [op("And", [on_row, on_col], "grid_raw"),
+    on_row = op("Equal", [op("Mod", [op("Div", [raster, side1], "row"), stride1], "row_m"), zero], "on_row")
+    on_col = op("Equal", [op("Mod", [op("Mod", [raster, side1], "col"), stride1], "col_m"), zero], "on_col")
+    grid = op("And", [op("And", [op("And", [on_row, on_col], "grid_raw"), on_raster], "grid_raster"),
                       op("Greater", [stride, zero], "has_grid")], "grid")
     # grid tokens rank first; finite scores only below them (a +inf score is clamped to FLT_MAX)
     finite = op("Min", ["scores", const("flt_max", np.finfo(np.float32).max, np.float32)], "finite")
@@ -110,9 +118,10 @@ def gather_rows(op, n: str, budget: str, zero: str, one: str) -> None:
 
 def select_node(g: GraphBuilder, scores: str, hidden: str, position_ids: str, image_start: str, *,
                 budget: int, num_image_tokens: int, grid_side: int, grid_stride: int,
-                criterion: str, outputs: list[str], name: str) -> None:
+                criterion: str, outputs: list[str], name: str, raster_offset: int = 0) -> None:
     """Add one ``feather::SelectTokens`` node to ``g``."""
     g.op(OP_TYPE, scores, hidden, position_ids, image_start, outputs=outputs, name=name,
          domain=FEATHER_DOMAIN, budget=budget, num_image_tokens=num_image_tokens,
-         grid_side=grid_side, grid_stride=grid_stride, criterion=criterion,
+         grid_side=grid_side, grid_stride=grid_stride, raster_offset=raster_offset,
+         criterion=criterion,
          plugin_namespace=FEATHER_DOMAIN, plugin_version=PLUGIN_VERSION)

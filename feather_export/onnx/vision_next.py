@@ -17,6 +17,7 @@ import numpy as np
 
 from feather_export.models.family import vision_spec
 from feather_export.models.geometry import ModelGeometry
+from feather_export.models.weights import PROJECTOR
 from feather_export.onnx.graph import GraphBuilder
 from feather_export.onnx.layers import F32, activation, linear
 from feather_export.onnx.vision import tower_hidden_states
@@ -32,17 +33,21 @@ def sequence_sources(geo: ModelGeometry) -> np.ndarray:
     return source
 
 
-def build_next_vision(model, geo: ModelGeometry, et: int):
-    spec = vision_spec(model.config)
-    vcfg = model.config.vision_config
+NEWLINE = "model.image_newline"
+
+
+def build_next_vision(w, geo: ModelGeometry, et: int, store=None, on_layer=None):
+    """From the weight source ``w`` (``models.weights``): tower, projector, ``image_newline``."""
+    spec = vision_spec(w.config)
+    vcfg = w.config.vision_config
     size = vcfg.image_size
     crops, per = len(geo.crops()), geo.crop_side ** 2
-    heads, d, n = vcfg.num_attention_heads, model.config.text_config.hidden_size, geo.num_image_tokens
+    heads, d, n = vcfg.num_attention_heads, w.config.text_config.hidden_size, geo.num_image_tokens
     first = 1 if spec.cls_token else 0
-    g = GraphBuilder("vision")
+    g = GraphBuilder("vision", store=store)
     pixels = g.input("pixel_values", F32, [1, crops, 3, size, size])
     batch = g.op("Reshape", pixels, g.const([crops, 3, size, size]))
-    hidden_states, probs = tower_hidden_states(g, model, batch, crops, et)
+    hidden_states, probs = tower_hidden_states(g, w, batch, crops, et, on_layer)
     source = g.const(sequence_sources(geo))
     # FasterVLM: each crop's CLS query row over its own patches, mean over heads -> [crops * per]
     tokens = first + per
@@ -55,11 +60,11 @@ def build_next_vision(model, geo: ModelGeometry, et: int):
     picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + per]), g.const([1]))
               for f in spec.feature_layers]
     features = picked[0] if len(picked) == 1 else g.op("Concat", *picked, axis=-1)
-    proj = model.model.multi_modal_projector
-    act = getattr(model.config, "projector_hidden_act", "gelu")
-    y = activation(g, linear(g, features, proj.linear_1, "projector.linear_1", et), act, et)
-    y = linear(g, y, proj.linear_2, "projector.linear_2", et)             # [C, per, d]
-    newline = g.weight("image_newline", model.model.image_newline.reshape(1, d), et)
+    act = getattr(w.config, "projector_hidden_act", "gelu")
+    y = activation(g, linear(g, features, w, f"{PROJECTOR}.linear_1", "projector.linear_1", et),
+                   act, et)
+    y = linear(g, y, w, f"{PROJECTOR}.linear_2", "projector.linear_2", et)     # [C, per, d]
+    newline = g.weight("image_newline", w.get(NEWLINE).reshape(1, d), et)
     rows = g.op("Concat", g.op("Reshape", y, g.const([crops * per, d])), newline, axis=0)
     y = g.op("Unsqueeze", g.op("Gather", rows, source, axis=0), g.const([0]))
     g.output(y, "image_features", et, [1, n, d])

@@ -212,10 +212,13 @@ def object_patches(sample: Sample, grid_side: int) -> set[int]:
     return {r * grid_side + c for r in rows for c in cols if 0 <= r < grid_side and 0 <= c < grid_side}
 
 
-def kept_diagnostics(samples: Sequence[Sample], predictions: Sequence[Prediction], grid_side: int) -> dict:
+def kept_diagnostics(samples: Sequence[Sample], predictions: Sequence[Prediction], grid_side: int,
+                     raster_offset: int = 0) -> dict:
     """Where the kept tokens lie, and whether the asked-about object survives: after the last
     stage (what the final layers see) and after the first (comparable across methods at one
-    first-stage budget: FEATHER's second stage keeps far fewer tokens than FastV's only stage)."""
+    first-stage budget: FEATHER's second stage keeps far fewer tokens than FastV's only stage).
+    Image token i is patch i - ``raster_offset``; tokens before the raster (a CLS under strategy
+    ``full``) lie in no band."""
     if not predictions or not predictions[0].kept:
         return {}
     out = {}
@@ -224,11 +227,12 @@ def kept_diagnostics(samples: Sequence[Sample], predictions: Sequence[Prediction
         survived = {b: [] for b in BANDS}
         for s, p in zip(samples, predictions):
             kept = p.kept[stage]
-            bands = [patch_band(i, grid_side) for i in kept]
+            patches = [i - raster_offset for i in kept if i >= raster_offset]
+            bands = [patch_band(i, grid_side) for i in patches]
             for b in BANDS:
                 share[b].append(bands.count(b) / max(1, len(kept)))
             if s.target is not None:
-                survived[s.band].append(bool(object_patches(s, grid_side) & set(kept)))
+                survived[s.band].append(bool(object_patches(s, grid_side) & set(patches)))
         out[f"{'last' if not label else 'first'}_stage_kept"] = len(predictions[0].kept[stage])
         out[f"kept_share_by_band{label}"] = {b: float(np.mean(v)) for b, v in share.items()}
         out[f"object_kept_by_band{label}"] = {b: (float(np.mean(v)) if v else None)
@@ -411,7 +415,8 @@ def _run_configs(opts, model_dir, configs, samples, picks, out, geometry, say) -
             if reference is not None:
                 runs["reference"] = reference.run(config, samples, opts.max_new_tokens)
             rows.append(_score_config(config, samples, runs, geometry.grid_side,
-                                      _cost(config, geometry, text_config, text_tokens)))
+                                      _cost(config, geometry, text_config, text_tokens),
+                                      raster_offset=geometry.raster_offset))
             say(_progress_line(rows[-1]))
     return rows, time.perf_counter() - t_start
 
@@ -494,14 +499,15 @@ def relative_prefill_flops(counts: Sequence[int], num_image_tokens: int, text_to
 
 
 def _score_config(config: EvalConfig, samples, runs: dict[str, EngineRun], grid_side: int,
-                  cost: dict) -> dict:
+                  cost: dict, raster_offset: int = 0) -> dict:
     row: dict = {"method": config.method, "budget": config.budget, "schedule": config.schedule,
                  "name": config.name, **cost,
                  "engines": {}}
     for engine, run in runs.items():
         correct = [is_correct(s, p.text) for s, p in zip(samples, run.predictions)]
         row["engines"][engine] = {**accuracy_table(samples, correct),
-                                  **kept_diagnostics(samples, run.predictions, grid_side),
+                                  **kept_diagnostics(samples, run.predictions, grid_side,
+                                                     raster_offset),
                                   "seconds": round(run.seconds, 2)}
     if len(runs) == 2:
         a, b = runs["onnx"].predictions, runs["reference"].predictions

@@ -1,8 +1,10 @@
 """Kept-token overlays: which image patches each pruning stage kept, drawn over the image.
 
 ``draw_overlay(image, kept_per_stage, grid_side, out_png)`` writes one PNG with a panel per stage
-(the input image first); dropped patches are dimmed, kept ones outlined. Pillow + numpy only, so
-the runtime side (``feather-export run --overlay``) needs nothing else.
+(the input image first); dropped patches are dimmed, kept ones outlined. Image tokens that are no
+patch (the CLS under strategy ``full``: ``raster_offset`` tokens before the raster) are reported in
+the panel's label instead. Pillow + numpy only, so the runtime side (``feather-export run
+--overlay``) needs nothing else.
 """
 from __future__ import annotations
 
@@ -45,18 +47,35 @@ def view_from_pixels(pixel_values: np.ndarray, mean: Sequence[float], std: Seque
     return Image.fromarray(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0))
 
 
-def _check(kept_per_stage, grid_side: int) -> list[np.ndarray]:
-    if isinstance(grid_side, bool) or not isinstance(grid_side, (int, np.integer)) or grid_side < 1:
+def _is_count(value, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
+
+
+def _check(kept_per_stage, grid_side: int, raster_offset: int) -> list[np.ndarray]:
+    if not _is_count(grid_side, 1):
         raise FeatherError(f"grid_side must be a positive integer, got {grid_side!r}")
-    n = int(grid_side) ** 2
+    if not _is_count(raster_offset, 0):
+        raise FeatherError(f"raster_offset must be a non-negative integer, got {raster_offset!r}")
+    n = int(raster_offset) + int(grid_side) ** 2
+    where = (f"the {grid_side} x {grid_side} grid" if not raster_offset else
+             f"the {n} image tokens ({raster_offset} before the {grid_side} x {grid_side} grid)")
     stages = []
     for i, kept in enumerate(kept_per_stage or ()):
         arr = np.asarray(kept, dtype=np.int64).reshape(-1)
         if arr.size and (arr.min() < 0 or arr.max() >= n):
             raise FeatherError(f"stage {i + 1} keeps index {int(arr.max() if arr.max() >= n else arr.min())}, "
-                               f"outside the {grid_side} x {grid_side} grid (0..{n - 1})")
+                               f"outside {where} (0..{n - 1})")
         stages.append(arr)
     return stages
+
+
+def _stage_label(i: int, kept: np.ndarray, total: int, raster_offset: int) -> str:
+    label = f"stage {i + 1}: {kept.size}/{total} kept"
+    if raster_offset == 1:
+        label += ", CLS " + ("kept" if (kept == 0).any() else "dropped")
+    elif raster_offset > 1:
+        label += f", {int((kept < raster_offset).sum())}/{raster_offset} non-patch kept"
+    return label
 
 
 def _panel(view, kept: np.ndarray | None, grid_side: int, label: str, cols: int | None = None):
@@ -88,22 +107,26 @@ def _panel(view, kept: np.ndarray | None, grid_side: int, label: str, cols: int 
 
 
 def draw_overlay(image, kept_per_stage, grid_side: int, out_png: str | os.PathLike,
-                 title: str | None = None, image_size: int | None = None) -> Path:
+                 title: str | None = None, image_size: int | None = None,
+                 raster_offset: int = 0) -> Path:
     """Write ``out_png``: the (square, preprocessed-framing) image, then one panel per stage.
 
-    ``kept_per_stage``: original image-token indices (row-major on the ``grid_side`` grid) kept by
-    each stage, as ``Result.kept`` / ``ReferenceResult.kept`` give them; empty for no pruning.
+    ``kept_per_stage``: original image-token indices kept by each stage, as ``Result.kept`` /
+    ``ReferenceResult.kept`` give them; empty for no pruning. Index i is the patch i -
+    ``raster_offset`` of the row-major ``grid_side`` grid; the ``raster_offset`` tokens before it
+    (the CLS under strategy ``full``) are named in the panel's label, not drawn.
     ``image``: a path, PIL image or uint8 array; non-square images are framed like the CLIP
     preprocessor (shortest edge, centre crop) at ``image_size`` (default: the short side).
     """
     from PIL import Image, ImageDraw
 
-    stages = _check(kept_per_stage, grid_side)
+    stages = _check(kept_per_stage, grid_side, raster_offset)
     view = square_view(image, image_size)
-    total = grid_side * grid_side
+    total = raster_offset + grid_side * grid_side
     panels = [_panel(view, None, grid_side, "input")]
     for i, kept in enumerate(stages):
-        panels.append(_panel(view, kept, grid_side, f"stage {i + 1}: {kept.size}/{total} kept"))
+        patches = kept[kept >= raster_offset] - raster_offset
+        panels.append(_panel(view, patches, grid_side, _stage_label(i, kept, total, raster_offset)))
     head = _LABEL_H if title else 0
     sheet = Image.new("RGB", (PANEL * len(panels) + 4 * (len(panels) - 1), PANEL + _LABEL_H + head),
                       (255, 255, 255))
@@ -186,4 +209,7 @@ def draw_pipeline_overlay(pipe, image, result, out_png: str | os.PathLike, title
     pixels = pre(image)
     view = view_from_pixels(pixels, pre.image_mean if pre.do_normalize else (0, 0, 0),
                             pre.image_std if pre.do_normalize else (1, 1, 1))
-    return draw_overlay(view, result.kept, pipe.manifest["model"]["grid_side"], out_png, title=title)
+    model = pipe.manifest["model"]
+    offset = model["num_image_tokens"] - model["grid_side"] ** 2      # image tokens before the raster
+    return draw_overlay(view, result.kept, model["grid_side"], out_png, title=title,
+                        raster_offset=offset)
