@@ -1,8 +1,9 @@
 """A LLaVA for the PyTorch reference whose decoder layers are materialised one at a time.
 
-``LazyLlava(w)`` builds transformers' ``LlavaForConditionalGeneration`` on the meta device and
-makes real only what is small next to the decoder: the vision tower, the projector, the embedding
-table, the final norm, lm_head and the rotary tables. ``layer(i)`` loads decoder layer i from the
+``LazyLlava(w)`` builds transformers' ``LlavaForConditionalGeneration`` (LLaVA-NeXT:
+``LlavaNextForConditionalGeneration``) on the meta device and makes real only what is small next
+to the decoder: the vision tower, the projector, ``image_newline`` (NeXT), the embedding table,
+the final norm, lm_head and the rotary tables. ``layer(i)`` loads decoder layer i from the
 weight source ``w`` for the duration of a ``with`` block and returns it to the meta device
 afterwards, so checking a 7B artifact holds about one fp32 layer besides those parts
 (``export.validate``). The modules are transformers' own, so the reference computes exactly
@@ -16,12 +17,15 @@ from contextlib import contextmanager
 class LazyLlava:
     def __init__(self, w):
         import torch
-        from transformers import AutoModel, LlavaForConditionalGeneration
+        from transformers import AutoModel
         from transformers.initialization import no_init_weights
+
+        from feather_export.models.family import llava_class
+        from feather_export.models.weights import NEWLINE
 
         self.weights = w
         with torch.device("meta"):
-            self.model = LlavaForConditionalGeneration(w.config)
+            self.model = llava_class(w.config)(w.config)
         inner = self.model.model
         lm = inner.language_model
         with no_init_weights():      # real modules whose buffers (position ids) are computed here
@@ -29,6 +33,9 @@ class LazyLlava:
         self._fill(inner.vision_tower, _prefix_of(self.model, inner.vision_tower, w))
         for module in (inner.multi_modal_projector, lm.embed_tokens, lm.norm, self.model.lm_head):
             self._materialize(module, _prefix_of(self.model, module, w))
+        if hasattr(inner, "image_newline"):         # LLaVA-NeXT: a bare parameter of the model
+            inner.image_newline = torch.nn.Parameter(
+                w.get(NEWLINE).float(), requires_grad=False)
         lm.rotary_emb = type(lm.rotary_emb)(config=lm.config)
         self.model.generation_config.eos_token_id = list(w.eos_token_ids) or None
         self.model.eval()

@@ -84,8 +84,7 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "llava_next": ModelKind("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextConfig",
                             ("clip_vision_model",), anyres=True,
                             processors=("LlavaNextImageProcessor", "LlavaNextImageProcessorPil",
-                                        "LlavaNextImageProcessorFast"),
-                            exported=False),
+                                        "LlavaNextImageProcessorFast")),
 }
 
 
@@ -216,6 +215,14 @@ def model_kind(config) -> ModelKind:
     return MODEL_KINDS[kind]
 
 
+def llava_class(config, part: str = "model_class"):
+    """transformers' class of a config's model kind: its ForConditionalGeneration class, or with
+    ``part="config_class"`` its config class."""
+    import transformers
+
+    return getattr(transformers, getattr(model_kind(config), part))
+
+
 def check_config(config, *, max_sequence: int | None = None, resolution=None,
                  unexported_ok: bool = False) -> tuple[TextSpec, VisionSpec]:
     """Refuse anything the exporter does not reproduce, from the config alone (no weights).
@@ -229,8 +236,7 @@ def check_config(config, *, max_sequence: int | None = None, resolution=None,
     kind = model_kind(config)
     if not kind.exported and not unexported_ok:
         raise FeatherError(f"{kind.model_type} ({kind.model_class}) checkpoints cannot be exported "
-                           "or loaded from a directory yet: only the PyTorch reference on the "
-                           "built-in tiny-next model runs (the NeXT vision segment is not built)")
+                           "or loaded from a directory yet (the PyTorch reference only)")
     text, vision = text_spec(config), vision_spec(config)
     if vision.family not in kind.vision_families:
         raise FeatherError(f"{kind.model_type} with a {vision.family} tower is not supported "

@@ -136,6 +136,17 @@ class ModelGeometry:
                 "image_size": list(self.image_size) if self.image_size else None}
 
 
+def geometry_from_manifest(model: dict) -> ModelGeometry:
+    """The geometry an artifact's manifest (its ``model`` block) records."""
+    tokens = model.get("image_tokens") or {}
+    rasters = tuple(Raster(*r) for r in tokens.get("rasters", ()))
+    size = tokens.get("image_size")
+    return ModelGeometry(model["num_layers"], model["num_image_tokens"], model["grid_side"],
+                         model["num_image_tokens"] - model["grid_side"] ** 2 if not rasters else 0,
+                         rasters=rasters, crop_side=tokens.get("crop_side", 0),
+                         image_size=tuple(size) if size else None)
+
+
 def geometry_of(config, resolution=None) -> ModelGeometry:
     """The pruning geometry of a ``LlavaConfig`` / ``LlavaNextConfig`` (refuses layouts the exporter
     does not handle); ``resolution``: LLaVA-NeXT's pinpoint (default the largest square one)."""

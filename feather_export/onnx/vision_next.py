@@ -17,7 +17,7 @@ import numpy as np
 
 from feather_export.models.family import vision_spec
 from feather_export.models.geometry import ModelGeometry
-from feather_export.models.weights import PROJECTOR
+from feather_export.models.weights import NEWLINE, PROJECTOR
 from feather_export.onnx.graph import GraphBuilder
 from feather_export.onnx.layers import F32, activation, linear
 from feather_export.onnx.vision import tower_hidden_states
@@ -31,9 +31,6 @@ def sequence_sources(geo: ModelGeometry) -> np.ndarray:
     for c, index in enumerate(crops):
         source[index] = c * per + np.arange(per)
     return source
-
-
-NEWLINE = "model.image_newline"
 
 
 def build_next_vision(w, geo: ModelGeometry, et: int, store=None, on_layer=None):
