@@ -328,24 +328,6 @@ def test_overlay_splits_kept_indices_by_raster(model, tmp_path):
         assert png.width > png.height > 2 * 336
 
 
-def test_export_of_next_is_refused_before_any_weight(checkpoint, tmp_path, monkeypatch):
-    """Until the NeXT vision segment exists, export refuses a NeXT model name or directory with
-    one line, before any model is built or loaded, and writes nothing."""
-    import feather_export.models.checkpoint as ckpt
-    from feather_export.export.artifact import ExportOptions, export
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("a model was built or loaded")
-
-    monkeypatch.setattr(ckpt, "resolve_model", no_load)
-    monkeypatch.setattr(ckpt, "load_checkpoint", no_load)
-    monkeypatch.setattr(ckpt, "open_weights", no_load)
-    for spec in ("tiny-next", checkpoint):
-        with pytest.raises(FeatherError, match="llava_next .* cannot be exported"):
-            export(spec, tmp_path / "out", ExportOptions(method="none"), progress=lambda m: None)
-        assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("pinpoint", [(224, 224), (112, 336), (224, 112)])
 def test_next_vision_segment_equals_transformers(model, pinpoint):
     """Crop batch through the tower, projector, stitching with image_newline: equal to
@@ -382,3 +364,141 @@ def test_perf_model_counts_every_crop():
         5 / 3 * {c.name: c for c in prefill_costs(one, None, 20, "fp32")}["vision"].cost.flops)
     feather = PruneConfig.create("feather", geometry_of(config), budget=732)
     assert total(prefill_costs(shape, feather, 20, "fp32")).flops < total(costs.values()).flops
+
+
+# ---- ONNX artifacts (export wiring) ----------------------------------------------------------
+
+ARTIFACTS = [("none", None), ("feather", None), ("feather", 40), ("fastv", None),
+             ("fastervlm", None), ("fastervlm", 20)]
+
+
+@pytest.fixture(scope="module")
+def next_artifacts(tmp_path_factory):
+    from feather_export.export.artifact import ExportOptions, export
+
+    root = tmp_path_factory.mktemp("next-artifacts")
+    out = {}
+    for method, budget in ARTIFACTS:
+        path = root / f"{method}{budget or ''}"
+        export("tiny-next", path, ExportOptions(method=method, budget=budget), progress=lambda m: None)
+        out[(method, budget)] = path
+    return out
+
+
+@pytest.mark.parametrize("key", ARTIFACTS, ids=lambda k: f"{k[0]}{k[1] or ''}")
+def test_onnx_artifacts_equal_the_reference(next_artifacts, model, key):
+    """Every method through the ONNX artifacts (ONNX Runtime): the reference's kept indices,
+    first logits and tokens on letterboxed images of three aspect ratios; ``none`` equals
+    transformers' ``generate`` on them."""
+    import torch
+
+    from feather_runtime import Pipeline
+
+    method, budget = key
+    with Pipeline.load(next_artifacts[key]) as pipe:
+        assert pipe.manifest["model"]["anyres"]["pinpoint"] == [224, 224]
+        for size in IMAGES:
+            pixels, ids = pipe.encode(_image(size, seed=size[0]), "What is it?")
+            got = pipe.generate_ids(pixels, ids, max_new_tokens=6)
+            ref = reference_generate(model, pixels, ids, method=method, budget=budget,
+                                     max_new_tokens=6)
+            assert got.kept == ref.kept
+            assert np.abs(got.first_logits - ref.first_logits.numpy()).max() < 1e-4
+            assert got.token_ids == ref.token_ids
+            if method == "none":
+                hf = model.generate(input_ids=torch.as_tensor(ids),
+                                    pixel_values=torch.as_tensor(pixels),
+                                    image_sizes=torch.tensor([[224, 224]]), max_new_tokens=6,
+                                    do_sample=False)
+                assert got.token_ids == hf[0, ids.shape[1]:].tolist()
+
+
+def test_next_artifact_overlay(next_artifacts, tmp_path):
+    from feather_export.quality.overlay import draw_pipeline_overlay
+    from feather_runtime import Pipeline
+
+    with Pipeline.load(next_artifacts[("feather", None)]) as pipe:
+        image = _image(IMAGES[0])
+        res = pipe.generate(image=image, prompt="What is it?", max_new_tokens=2)
+        out = draw_pipeline_overlay(pipe, image, res, tmp_path / "kept.png")
+    with Image.open(out) as png:
+        assert png.height > 2 * 112
+
+
+def test_next_artifacts_validate_and_lint(next_artifacts, model):
+    from feather_export.export.validate import validate_artifact
+    from feather_export.tensorrt.lint import check_artifact
+
+    for key in (("feather", None), ("fastervlm", None)):
+        checks = validate_artifact(next_artifacts[key], model=model)
+        assert {c.segment for c in checks} >= {"vision", "select_0" if key[0] == "fastervlm"
+                                               else "select_2"}
+        assert checks and all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+        assert [f for f in check_artifact(next_artifacts[key]) if f.severity == "error"] == []
+
+
+def test_checkpoint_directory_at_another_pinpoint(checkpoint, model, tmp_path):
+    """``build --resolution`` on a llava_next checkpoint directory: the artifact's letterbox,
+    token plan and tokens are the pinpoint's (transformers' generate on the letterboxed image),
+    and ``validate`` loads the directory's weights as its reference."""
+    import torch
+
+    from feather_export.cli.main import main
+    from feather_export.export.validate import validate_artifact
+    from feather_runtime import Pipeline
+
+    out = tmp_path / "wide"
+    assert main(["build", "--model", str(checkpoint), "--method", "none", "--resolution",
+                 "112x336", "--out", str(out)]) == 0
+    geo = geometry_of(model.config, (112, 336))
+    with Pipeline.load(out) as pipe:
+        assert pipe.manifest["model"]["num_image_tokens"] == geo.num_image_tokens
+        pixels, ids = pipe.encode(_image(IMAGES[0]), "What is it?")
+        assert pixels.shape == (1, 4, 3, 112, 112)
+        got = pipe.generate_ids(pixels, ids, max_new_tokens=6)
+    hf = model.generate(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(pixels),
+                        image_sizes=torch.tensor([[112, 336]]), max_new_tokens=6, do_sample=False)
+    assert got.token_ids == hf[0, ids.shape[1]:].tolist()
+    checks = validate_artifact(out)
+    assert checks and all(c.ok for c in checks), [c.line() for c in checks if not c.ok]
+
+
+def test_resolution_refused_before_any_weight(tmp_path, capsys):
+    from feather_export.cli.main import main
+
+    assert main(["build", "--model", "tiny", "--resolution", "336x336",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "--resolution applies to LLaVA-NeXT" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny-next", "--resolution", "448x448",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "not one of the checkpoint's image_grid_pinpoints" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_estimate_counts_the_next_weights(next_artifacts):
+    """The export size estimate equals the bytes the segments store (tower once, newline)."""
+    import onnx
+
+    from feather_export.export.artifact import ExportOptions
+    from feather_export.export.footprint import estimated_bytes
+    from feather_export.models.checkpoint import open_weights
+
+    stored = 0
+    for path in sorted((next_artifacts[("feather", None)] / "onnx").glob("*.onnx")):
+        stored += sum(len(t.raw_data) for t in onnx.load(str(path)).graph.initializer
+                      if not t.name.startswith("const"))
+    estimate = estimated_bytes(open_weights("tiny-next")[0], ExportOptions())
+    assert abs(estimate - stored) <= 0.02 * stored, (estimate, stored)
+
+
+def test_shape_next_model_plan_and_weights():
+    """``shape-llava-next-cpu``: the real 2,928-token plan at 672x672; its streamed weights are
+    named and shaped by transformers' LlavaNext module (image_newline included, not zero)."""
+    from feather_export.models.shapes import shape_llava_config, shape_weights
+
+    config = shape_llava_config("shape-llava-next-cpu")
+    geo = geometry_of(config)
+    assert geo.num_image_tokens == 2928 and geo.image_size == (672, 672)
+    w = shape_weights("shape-llava-next-cpu")
+    assert w.shape("model.image_newline") == (1024,)
+    assert float(w.get("model.image_newline").abs().sum()) > 0
