@@ -137,8 +137,9 @@ class Pipeline:
         is allocated per call or step, and decode inputs keep fixed addresses (CUDA graphs)."""
         m = self.manifest["model"]
         longest = self.manifest["max_text_tokens"] + self.num_image_tokens
-        size = m["image_size"]
-        shapes = {"pixel_values": ((1, 3, size, size), np.float32),
+        from .preprocess import pixel_shape
+
+        shapes = {"pixel_values": (pixel_shape(m), np.float32),
                   "input_ids": ((1, longest), np.int64),
                   "position_ids": ((1, longest), np.int64),
                   "image_start": ((), np.int64),
@@ -150,10 +151,11 @@ class Pipeline:
     # ---- user inputs --------------------------------------------------------------------
     @property
     def preprocessor(self):
-        from .preprocess import ImagePreprocessor
+        from .preprocess import preprocessor_for
 
         if self._preprocessor is None:
-            self._preprocessor = ImagePreprocessor.from_dir(self.manifest.root)
+            self._preprocessor = preprocessor_for(self.manifest.root,
+                                                  self.manifest["model"].get("anyres"))
         return self._preprocessor
 
     @property
@@ -286,10 +288,11 @@ class Pipeline:
 
     def _check_inputs(self, pixel_values, input_ids, max_new_tokens):
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        size = self.manifest["model"]["image_size"]
-        if pixels.shape != (1, 3, size, size):
-            raise FeatherError(f"pixel_values must have shape (1, 3, {size}, {size}); "
-                               f"got {pixels.shape}")
+        from .preprocess import pixel_shape
+
+        shape = pixel_shape(self.manifest["model"])
+        if pixels.shape != shape:
+            raise FeatherError(f"pixel_values must have shape {shape}; got {pixels.shape}")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64).reshape(1, -1)
         where = np.flatnonzero(ids[0] == self.image_token_id)
         n = self.num_image_tokens

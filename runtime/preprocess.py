@@ -38,6 +38,10 @@ PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
     **{name: _SIGLIP_DEFAULTS for name in
        ("SiglipImageProcessor", "SiglipImageProcessorPil", "SiglipImageProcessorFast")},
 }
+# LLaVA-NeXT (anyres): every crop goes through CLIP's steps with CLIP's defaults
+ANYRES_PROCESSORS = ("LlavaNextImageProcessor", "LlavaNextImageProcessorPil",
+                     "LlavaNextImageProcessorFast")
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -174,14 +178,7 @@ class ImagePreprocessor:
     @classmethod
     def from_dir(cls, path: Union[str, os.PathLike]) -> "ImagePreprocessor":
         """Build from ``<path>/preprocessor_config.json``."""
-        file = pathlib.Path(path) / CONFIG_NAME
-        if not file.is_file():
-            raise FeatherError(f"{file} not found: the model directory must contain {CONFIG_NAME}")
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FeatherError(f"cannot parse {file}: {exc}") from exc
-        return cls(config)
+        return cls(_read_config(path))
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -239,22 +236,116 @@ def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return padded[:, max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
 
 
+def letterbox_canvas(height: int, width: int, pinpoint: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (H, W) >= (height, width) with exactly the pinpoint's aspect ratio."""
+    ph, pw = pinpoint
+    g = math.gcd(ph, pw)
+    a, b = ph // g, pw // g
+    k = max(-(-height // a), -(-width // b))
+    return k * a, k * b
+
+
+def letterbox(image: ImageInput, pinpoint: tuple[int, int], image_mean) -> Image.Image:
+    """LLaVA-NeXT's static-shape input (docs/design.md §3): pad the RGB image, centred (offsets
+    floor(pad / 2) left and top), to the smallest canvas with the pinpoint's exact aspect ratio,
+    filled with int(255 x image_mean) per channel, then resize it (bicubic) to the pinpoint's
+    H x W if the canvas differs."""
+    pil = load_image(image)
+    if pil.width == 0 or pil.height == 0:
+        raise FeatherError(f"image has zero size {pil.size}; pass a non-empty image")
+    ph, pw = pinpoint
+    ch, cw = letterbox_canvas(pil.height, pil.width, pinpoint)
+    if (ch, cw) != (pil.height, pil.width):
+        fill = tuple(int(255 * float(m)) for m in image_mean)
+        canvas = Image.new("RGB", (cw, ch), fill)
+        canvas.paste(pil, ((cw - pil.width) // 2, (ch - pil.height) // 2))
+        pil = canvas
+    if (ch, cw) != (ph, pw):
+        pil = pil.resize((pw, ph), resample=Image.Resampling.BICUBIC)
+    return pil
+
+
+class AnyresPreprocessor:
+    """LLaVA-NeXT preprocessing for one pinpoint, equal to transformers' ``LlavaNextImageProcessor``
+    on the letterboxed image: the base image (the whole image resized to the crop size) and the
+    pinpoint's crops in row-major order, each through CLIP's steps; float32 [1, crops, 3, h, w]."""
+
+    def __init__(self, config: dict[str, Any], pinpoint: tuple[int, int]):
+        if not isinstance(config, dict):
+            raise FeatherError(f"preprocessor config must be a JSON object, got {type(config).__name__}")
+        kind = config.get("image_processor_type", ANYRES_PROCESSORS[0])
+        if kind not in ANYRES_PROCESSORS:
+            raise FeatherError(f"image_processor_type {kind!r} does not prepare a LLaVA-NeXT model "
+                               f"({ANYRES_PROCESSORS[0]} does)")
+        crop_config = {k: v for k, v in config.items()
+                       if k not in ("image_grid_pinpoints", "do_pad", "image_processor_type")}
+        self.crop = ImagePreprocessor({**crop_config, "image_processor_type": "CLIPImageProcessor"})
+        if not self.crop.do_resize:
+            raise FeatherError("preprocessor config: do_resize=false is not supported for LLaVA-NeXT")
+        size = self.crop.size
+        self.base_size = ((size["shortest_edge"],) * 2 if "shortest_edge" in size
+                          else (size["height"], size["width"]))
+        self.patch = self.crop.crop_size["height"]       # transformers: crop_size's height
+        pinpoints = config.get("image_grid_pinpoints", [list(p) for p in LLAVA_NEXT_PINPOINTS])
+        self.pinpoint = (int(pinpoint[0]), int(pinpoint[1]))
+        if [*self.pinpoint] not in [list(p) for p in pinpoints]:
+            raise FeatherError(f"pinpoint {self.pinpoint[0]}x{self.pinpoint[1]} is not one of the "
+                               f"preprocessor's image_grid_pinpoints {pinpoints}")
+        if self.pinpoint[0] % self.patch or self.pinpoint[1] % self.patch:
+            raise FeatherError(f"pinpoint {self.pinpoint} is not a whole number of {self.patch}-pixel crops")
+
+    @classmethod
+    def from_dir(cls, path: Union[str, os.PathLike], pinpoint) -> "AnyresPreprocessor":
+        return cls(_read_config(path), pinpoint)
+
+    @property
+    def num_crops(self) -> int:
+        return 1 + (self.pinpoint[0] // self.patch) * (self.pinpoint[1] // self.patch)
+
+    def letterbox(self, image: ImageInput) -> Image.Image:
+        """The image as the model sees it: letterboxed to the pinpoint (what overlays draw on)."""
+        return letterbox(image, self.pinpoint, self.crop.image_mean)
+
+    def __call__(self, image: ImageInput) -> np.ndarray:
+        boxed = self.letterbox(image)
+        base = boxed.resize((self.base_size[1], self.base_size[0]), resample=self.crop.resample)
+        views = [base]
+        for top in range(0, self.pinpoint[0], self.patch):
+            for left in range(0, self.pinpoint[1], self.patch):
+                views.append(boxed.crop((left, top, left + self.patch, top + self.patch)))
+        return np.ascontiguousarray(np.concatenate([self.crop(v) for v in views])[None])
+
+
+def _read_config(path: Union[str, os.PathLike]) -> dict:
+    file = pathlib.Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FeatherError(f"{file} not found: the model directory must contain {CONFIG_NAME}")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FeatherError(f"cannot parse {file}: {exc}") from exc
+
+
 def write_preprocessor_config(out_dir: Union[str, os.PathLike], image_size: int,
-                              processor: str = "CLIPImageProcessor") -> pathlib.Path:
+                              processor: str = "CLIPImageProcessor", pinpoints=()) -> pathlib.Path:
     """Write a preprocessor_config.json for square inputs of image_size; return its path.
 
     ``CLIPImageProcessor``: LLaVA-1.5's (shortest edge, center crop, CLIP mean/std);
-    ``SiglipImageProcessor``: llava-interleave's (resize to image_size x image_size, mean/std 0.5).
+    ``SiglipImageProcessor``: llava-interleave's (resize to image_size x image_size, mean/std 0.5);
+    ``LlavaNextImageProcessor``: llava-v1.6's (CLIP's, crops of image_size, ``pinpoints``).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise FeatherError(f"image_size must be a positive integer, got {image_size!r}")
     common = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
               "image_processor_type": processor, "processor_class": "LlavaProcessor",
               "resample": 3, "rescale_factor": 1 / 255}
-    if processor == "CLIPImageProcessor":
+    if processor in ("CLIPImageProcessor", "LlavaNextImageProcessor"):
         config = {**common, "crop_size": {"height": image_size, "width": image_size},
                   "do_center_crop": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
                   "size": {"shortest_edge": image_size}}
+        if processor == "LlavaNextImageProcessor":
+            config.update(do_pad=True, processor_class="LlavaNextProcessor",
+                          image_grid_pinpoints=[list(p) for p in (pinpoints or LLAVA_NEXT_PINPOINTS)])
     elif processor == "SiglipImageProcessor":
         config = {**common, "image_mean": list(SIGLIP_MEAN), "image_std": list(SIGLIP_STD),
                   "size": {"height": image_size, "width": image_size}}
@@ -266,3 +357,19 @@ def write_preprocessor_config(out_dir: Union[str, os.PathLike], image_size: int,
     path = out / CONFIG_NAME
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def preprocessor_for(path: Union[str, os.PathLike], anyres: dict | None = None):
+    """The artifact's preprocessor: LLaVA-NeXT's for one pinpoint when the manifest has an
+    ``anyres`` block, else CLIP's / SigLIP's."""
+    if anyres:
+        return AnyresPreprocessor.from_dir(path, tuple(anyres["pinpoint"]))
+    return ImagePreprocessor.from_dir(path)
+
+
+def pixel_shape(model: dict) -> tuple[int, ...]:
+    """The vision segment's ``pixel_values`` shape from the manifest's model block."""
+    anyres = model.get("anyres")
+    if anyres:
+        return (1, int(anyres["num_crops"]), 3, int(anyres["crop_size"]), int(anyres["crop_size"]))
+    return (1, 3, int(model["image_size"]), int(model["image_size"]))

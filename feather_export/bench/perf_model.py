@@ -109,10 +109,12 @@ class VisionGeometry:
 class ModelShape:
     llm: LlmGeometry
     vision: VisionGeometry
+    crops: int = 1                         # images through the tower (LLaVA-NeXT: base + grid)
+    image_tokens: int | None = None        # N when it is not the patch count (NeXT: + newlines)
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches
+        return self.image_tokens if self.image_tokens is not None else self.vision.num_patches
 
     @property
     def grid_side(self) -> int:
@@ -145,13 +147,14 @@ def vision_layer_flops(n: int, c: int, m: int) -> float:
 
 
 def vision_cost(shape: ModelShape, elem: int) -> Cost:
-    v = shape.vision
+    """The tower and projector on every crop (one crop on LLaVA-1.5)."""
+    v, crops, out_n = shape.vision, shape.crops, shape.num_image_tokens
     n = v.num_patches
     flops = 2 * n * 3 * v.patch_size ** 2 * v.hidden                 # patch embedding
     flops += v.layers * vision_layer_flops(n + 1, v.hidden, v.intermediate)
     flops += 2 * n * (v.hidden * v.projector_hidden + v.projector_hidden * v.out_hidden)
-    act = (3 * v.image_size ** 2 * 4) + n * v.out_hidden * elem + n * 4   # pixels, features, scores
-    return Cost(float(flops), float(v.params() * elem + act))
+    act = crops * (3 * v.image_size ** 2 * 4) + out_n * v.out_hidden * elem + out_n * 4
+    return Cost(float(crops * flops), float(v.params() * elem + act))
 
 
 def embed_cost(llm: LlmGeometry, seq: int, elem: int) -> Cost:
@@ -489,8 +492,9 @@ def shape_from_manifest(manifest) -> ModelShape:
     return ModelShape(llm, vg)
 
 
-def shape_from_config(config) -> ModelShape:
-    """From a transformers ``LlavaConfig`` (the torch path of the GPU script)."""
+def shape_from_config(config, resolution=None) -> ModelShape:
+    """From a transformers ``LlavaConfig`` / ``LlavaNextConfig`` (``resolution``: NeXT's pinpoint,
+    default the largest square one)."""
     text, vision = config.text_config, config.vision_config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -500,4 +504,11 @@ def shape_from_config(config) -> ModelShape:
                       head_dim, text.intermediate_size, text.vocab_size)
     vg = VisionGeometry(vision.image_size, vision.patch_size, vision.hidden_size,
                         vision.intermediate_size, layers_run, text.hidden_size, text.hidden_size)
+    from feather_export.models.family import model_kind
+
+    if model_kind(config).anyres:
+        from feather_export.models.geometry import geometry_of
+
+        geo = geometry_of(config, resolution)
+        return ModelShape(llm, vg, crops=len(geo.crops()), image_tokens=geo.num_image_tokens)
     return ModelShape(llm, vg)

@@ -44,6 +44,10 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens one generation may produce (sizes the KV caches)")
     p.add_argument("--trt-plugin-only", action="store_true",
                    help="drop the selection op's ONNX function body (TensorRT must load the plugin)")
+    p.add_argument("--resolution", metavar="HxW",
+                   help="LLaVA-NeXT only: the image_grid_pinpoints entry the artifact is exported "
+                        "for; every image is letterboxed to it (default: the largest square one, "
+                        "672x672 on llava-v1.6)")
     p.add_argument("--out", required=True, help="artifact directory to write")
 
 
@@ -54,7 +58,8 @@ def _export_options(args):
                          stride=args.stride, btp_lambda=args.btp_lambda, dtype=args.dtype,
                          max_text_tokens=args.max_text_tokens, max_new_tokens=args.max_new_tokens,
                          trt_plugin_only=args.trt_plugin_only, weights=args.weights,
-                         block_size=args.block_size, lm_head_weights=args.lm_head_weights)
+                         block_size=args.block_size, lm_head_weights=args.lm_head_weights,
+                         resolution=args.resolution)
 
 
 def cmd_make_tiny(args) -> int:

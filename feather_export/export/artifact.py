@@ -44,6 +44,7 @@ class ExportOptions:
     weights: str = "float"              # decoder linear weights: float (the dtype), int8, int4
     block_size: int = DEFAULT_BLOCK_SIZE    # int4 block along the input width (capped at it)
     lm_head_weights: str = "float"
+    resolution: str | None = None       # LLaVA-NeXT pinpoint "HxW" (None: the largest square one)
 
     def decoder_quant(self) -> WeightQuant | None:
         return None if self.weights == "float" else WeightQuant(self.weights, self.block_size)
@@ -95,7 +96,7 @@ def check_export(options: ExportOptions, geo, out: Path, config=None) -> PruneCo
     _check_weights(options)
     if config is not None:
         check_config(config, max_sequence=geo.num_image_tokens + options.max_text_tokens
-                     + options.max_new_tokens)
+                     + options.max_new_tokens, resolution=options.resolution)
     _check_output_dir(out)
     return PruneConfig.create(options.method, geo, budget=options.budget,
                               schedule=options.schedule, stride=options.stride,
@@ -119,7 +120,7 @@ def export(model_spec: str | os.PathLike, out_dir: str | os.PathLike, options: E
 
     out = Path(out_dir)
     config = load_config(model_spec)
-    cfg = check_export(options, geometry_of(config), out, config)
+    cfg = check_export(options, geometry_of(config, options.resolution), out, config)
     prompt_template(None if is_builtin(model_spec) else checkpoint_path(model_spec),
                     str(model_spec))
     weights, source = open_weights(model_spec, config)
@@ -141,7 +142,7 @@ def export_model(w, model_id: str, source: Path | None, out: Path, options: Expo
     from feather_export.models.chat import prompt_template
     from feather_export.models.geometry import geometry_of
 
-    geo = geometry_of(w.config)
+    geo = geometry_of(w.config, options.resolution)
     et = DTYPES[options.dtype]
     plan = plan_segments(geo.num_layers, cfg)
     report = ExportProgress(estimated_bytes(w, options), progress)
@@ -182,7 +183,7 @@ def _export_segment(w, seg: SegmentPlan, cfg: PruneConfig, geo, et: int, options
               else _vision_layers(w) if seg.kind == "vision" else 0)
     report.segment(index, count, label, seg.name, layers, store)
     try:
-        onnx_model = _build(w, seg, cfg, geo.grid_side, et, options, store, report.layer)
+        onnx_model = _build(w, seg, cfg, geo, et, options, store, report.layer)
     finally:
         data_sha = store.close()
     report.end_segment()
@@ -245,13 +246,16 @@ def _check_output_dir(out: Path) -> None:
                            "choose a new directory (an existing artifact would be replaced)")
 
 
-def _build(w, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, options: ExportOptions,
+def _build(w, seg: SegmentPlan, cfg: PruneConfig, geo, et: int, options: ExportOptions,
            store=None, on_layer=None):
     from feather_export.onnx.decoder import build_decoder_span, build_embed
     from feather_export.onnx.select import build_select
     from feather_export.onnx.vision import build_vision
+    from feather_export.onnx.vision_next import build_next_vision
 
     if seg.kind == "vision":
+        if geo.crop_side:                      # LLaVA-NeXT: crops, stitching, image_newline
+            return build_next_vision(w, geo, et, store, on_layer)
         return build_vision(w, et, store, on_layer)
     if seg.kind == "embed":
         return build_embed(w, et, store)
@@ -263,7 +267,7 @@ def _build(w, seg: SegmentPlan, cfg: PruneConfig, side: int, et: int, options: E
                                   quant=options.decoder_quant(),
                                   lm_head_quant=options.lm_head_quant(), store=store,
                                   on_layer=on_layer)
-    onnx_model = build_select(w, cfg.stages[seg.stage], side, et)
+    onnx_model = build_select(w, cfg.stages[seg.stage], geo, et)
     if options.trt_plugin_only:
         del onnx_model.functions[:]
     return onnx_model
@@ -293,7 +297,8 @@ def _copy_inputs(config, source: Path | None, tmp: Path) -> list[dict]:
     if source is None:
         save_tiny_tokenizer(tok_dir)
         write_preprocessor_config(tmp, config.vision_config.image_size,
-                                  vision_spec(config).processors[0])
+                                  vision_spec(config).processors[0],
+                                  pinpoints=getattr(config, "image_grid_pinpoints", None) or ())
     else:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
@@ -301,6 +306,13 @@ def _copy_inputs(config, source: Path | None, tmp: Path) -> list[dict]:
         shutil.copy2(source / "preprocessor_config.json", tmp / "preprocessor_config.json")
     files = sorted([*tok_dir.iterdir(), tmp / "preprocessor_config.json"])
     return [{"file": str(f.relative_to(tmp)), "sha256": sha256_file(f)} for f in files]
+
+
+def _anyres(config, geo) -> dict:
+    """The manifest's LLaVA-NeXT block: what the runtime's letterbox and overlays need."""
+    from feather_export.models.anyres import anyres_plan
+
+    return {**anyres_plan(config, geo.image_size).to_dict(), "rasters": geo.to_dict()["rasters"]}
 
 
 def _manifest(w, model_id: str, source, cfg: PruneConfig, options: ExportOptions, geo,
@@ -330,6 +342,8 @@ def _manifest(w, model_id: str, source, cfg: PruneConfig, options: ExportOptions
             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
             "intermediate_size": text.intermediate_size, "vocab_size": text.vocab_size,
             "eos_token_ids": [int(e) for e in eos],
+            "image_tokens": geo.to_dict(),
+            **({"anyres": _anyres(w.config, geo)} if geo.crop_side else {}),
         },
         "prune": cfg.to_dict(),
         "dtype": options.dtype,

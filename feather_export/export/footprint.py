@@ -1,7 +1,8 @@
 """How many bytes an export writes, from tensor shapes alone, and the free-disk check.
 
 The estimate counts every tensor the segments store, in the artifact's dtype: the vision tower up
-to its deepest feature layer (not its post-norm or pooling head), the projector, the embedding
+to its deepest feature layer (not its post-norm or pooling head; stored once however many
+LLaVA-NeXT crops run through it), the projector, LLaVA-NeXT's ``image_newline``, the embedding
 table, every decoder layer, the final norm and lm_head (again when tied: it is its own
 initializer), quantized linears at their code size plus scales. No weight is read.
 """
@@ -23,7 +24,7 @@ _DECODER_LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 
 def estimated_bytes(w, options) -> int:
     from feather_export.models.family import vision_spec
-    from feather_export.models.weights import EMBED, LM_HEAD, PROJECTOR, TEXT
+    from feather_export.models.weights import EMBED, LM_HEAD, NEWLINE, PROJECTOR, TEXT
 
     et = FLOAT_BYTES[options.dtype]
     run_layers = vision_spec(w.config).run_layers
@@ -40,7 +41,7 @@ def estimated_bytes(w, options) -> int:
                     ".embeddings." in name or ".encoder." in name or ".pre_layrnorm." in name):
                 continue
             total += numel * (4 if ".layer_norm" in name or "layrnorm" in name else et)
-        elif name.startswith(PROJECTOR + ".") or name == EMBED:
+        elif name.startswith(PROJECTOR + ".") or name in (EMBED, NEWLINE):
             total += numel * et
         elif name.startswith(TEXT + ".") or name == LM_HEAD:
             kind = (options.lm_head_weights if name == LM_HEAD

@@ -21,9 +21,9 @@ def export_shape_artifacts(name: str, jobs: Sequence[tuple[str | os.PathLike, ob
     from feather_export.export.footprint import check_free_disk, estimated_bytes
 
     config = shape_llava_config(name)
-    geo = geometry_of(config)
     # refuse bad options for every job before any weight is generated
-    plans = [(Path(out), options, check_export(options, geo, Path(out), config))
+    plans = [(Path(out), options,
+              check_export(options, geometry_of(config, options.resolution), Path(out), config))
              for out, options in jobs]
     weights = shape_weights(name)
     for out, options, _ in plans:

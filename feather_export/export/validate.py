@@ -208,13 +208,15 @@ def _cases(model, manifest, seg, rng, dtype):
 
 def _vision_case(model, manifest, rng):
     import torch
+    from feather_runtime.preprocess import pixel_shape
 
     from feather_export.methods.reference import vision_features
+    from feather_export.models.geometry import geometry_from_manifest
 
-    size = manifest["model"]["image_size"]
-    pixels = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    pixels = rng.standard_normal(pixel_shape(manifest["model"])).astype(np.float32)
     with model.vision() as llava:
-        features, scores = vision_features(llava, torch.from_numpy(pixels))
+        features, scores = vision_features(llava, torch.from_numpy(pixels),
+                                           geometry_from_manifest(manifest["model"]))
     return {"pixel_values": pixels}, {"image_features": features.numpy(), "cls_scores": scores.numpy()}
 
 
@@ -278,14 +280,16 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
 
     from feather_export.methods.config import Stage
     from feather_export.methods.reference import select_stage
+    from feather_export.models.geometry import geometry_from_manifest
 
     m = manifest["model"]
+    geo = geometry_from_manifest(m)
     stage = Stage(**manifest["prune"]["stages"][seg.stage])
     n, d = stage.num_in, m["hidden_size"]
     if stage.criterion == "fastervlm":
         scores = rng.dirichlet(np.ones(n)).astype(np.float32)
         features = rng.standard_normal((1, n, d)).astype(np_dtype)
-        kept = select_stage(stage, torch.from_numpy(scores), m["grid_side"])
+        kept = select_stage(stage, torch.from_numpy(scores), geo)
         return ({"cls_scores": scores, "image_features": features},
                 {"kept": kept, "pruned_image_features": features[:, kept]})
     lm = model.model.model.language_model
@@ -294,11 +298,11 @@ def _select_case(model, manifest, seg, rng, np_dtype, text_after=9, start=3):
     hidden = rng.standard_normal((1, seq, d)).astype(np_dtype)
     positions = np.sort(rng.choice(seq + 40, size=seq, replace=False)).astype(np.int64)[None]
     with model.layer(stage.layer - 1) as prev:
-        return _span_select_case(stage, prev, lm.rotary_emb, m, layer_input, hidden, positions,
+        return _span_select_case(stage, prev, lm.rotary_emb, geo, layer_input, hidden, positions,
                                  start, np_dtype)
 
 
-def _span_select_case(stage, prev, rotary, m, layer_input, hidden, positions, start, np_dtype):
+def _span_select_case(stage, prev, rotary, geo, layer_input, hidden, positions, start, np_dtype):
     import torch
 
     from feather_export.methods.reference import gather_sequence, select_stage
@@ -318,7 +322,7 @@ def _span_select_case(stage, prev, rotary, m, layer_input, hidden, positions, st
         scores = btp_logits(prev, rotary, x, pos, start, n)
     else:
         scores = fastv_scores(prev, rotary, x, pos, start, n)
-    kept = select_stage(stage, scores, m["grid_side"], features)
+    kept = select_stage(stage, scores, geo, features)
     if stage.keep > 0:               # a 0-count BTP stage drops every image row without scores
         query, keys = score_inputs(prev, rotary, x, pos, stage.criterion)
         query_name, keys_name = score_input_names(stage)

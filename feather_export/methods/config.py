@@ -50,6 +50,9 @@ class Stage:
     # BTP's seed (1 when a CLS image token precedes the raster). Set on the first stage only,
     # whose input is every image token; later stages index ranks in a pruned set.
     raster_offset: int = 0
+    # FasterVLM on crops (LLaVA-NeXT): patches kept per crop; ``keep`` then also counts the
+    # tokens in no raster (newlines), which are always kept
+    per_crop: int = 0
 
 
 def grid_size(side: int, stride: int) -> int:
@@ -61,6 +64,15 @@ def default_grid_stride(side: int, budget: int) -> int:
     """The smallest stride s >= 3 with |G| <= budget / 2 (docs/design.md §4); 0 if none exists."""
     for stride in range(MIN_GRID_STRIDE, side + 1):
         if 2 * grid_size(side, stride) <= budget:
+            return stride
+    return 0
+
+
+def geometry_grid_stride(geo: ModelGeometry, budget: int) -> int:
+    """The smallest stride s >= 3 whose grid (every raster's, united) has |G| <= budget / 2; 0 if
+    none exists. One square raster: ``default_grid_stride``."""
+    for stride in range(MIN_GRID_STRIDE, geo.max_side + 1):
+        if 2 * geo.grid_count(stride) <= budget:
             return stride
     return 0
 
@@ -131,6 +143,11 @@ class PruneConfig:
         if btp_lambda is not None and method != "btp":
             raise FeatherError(f"--btp-lambda only applies to --method btp, not {method}")
         if method == "btp":
+            if len(geometry.rasters) > 1:
+                raise FeatherError(
+                    "--method btp is not supported on this model: its spatial seed is defined on "
+                    f"one raster and the image tokens form {len(geometry.rasters)} (LLaVA-NeXT's "
+                    "base and stitched rasters); use feather, fastv or fastervlm")
             stages = _btp_stages(geometry, budget, schedule, btp_lambda)
             _check_stages(method, stages, geometry)
             return cls(method, _place_raster(stages, geometry))
@@ -139,7 +156,8 @@ class PruneConfig:
                 raise FeatherError("--method none keeps every token; drop --budget/--schedule")
             return cls("none", ())
         if budget is None and not schedule:
-            budget = geometry.num_image_tokens // 4
+            budget = (default_crop_budget(geometry) if method == "fastervlm" and geometry.crop_side
+                      else geometry.num_image_tokens // 4)
         if schedule and budget is not None and schedule[0][1] != budget:
             raise FeatherError(
                 f"--budget {budget} disagrees with the first --schedule count {schedule[0][1]}; "
@@ -168,16 +186,16 @@ def _feather_stages(geo: ModelGeometry, budget, schedule, stride) -> tuple[Stage
     b1 = pairs[0][1]
     _check_count(b1, geo.num_image_tokens, "FEATHER stage 1")
     if stride is None:
-        stride = default_grid_stride(geo.grid_side, b1)
+        stride = geometry_grid_stride(geo, b1)
         if stride == 0:
             raise FeatherError(
                 f"budget {b1} is too small for FEATHER's uniform grid (it needs |grid| <= budget/2); "
                 "use a larger --budget or --stride 0 to disable the grid")
     elif stride < 0:
         raise FeatherError(f"--stride must be >= 0 (0 disables the grid), got {stride}")
-    elif grid_size(geo.grid_side, stride) > b1:
+    elif geo.grid_count(stride) > b1:
         raise FeatherError(
-            f"--stride {stride} forces a grid of {grid_size(geo.grid_side, stride)} tokens, more than "
+            f"--stride {stride} forces a grid of {geo.grid_count(stride)} tokens, more than "
             f"the budget {b1}; use a larger --stride or --budget")
     stages, num_in = [], geo.num_image_tokens
     for i, (layer, keep) in enumerate(pairs):
@@ -196,7 +214,24 @@ def _fastv_stages(geo: ModelGeometry, budget, schedule, stride) -> tuple[Stage, 
 def _fastervlm_stages(geo: ModelGeometry, budget, schedule, stride) -> tuple[Stage, ...]:
     if schedule:
         raise FeatherError("--method fastervlm prunes before the LLM; give --budget, not --schedule")
-    return (Stage(0, budget, geo.num_image_tokens, "fastervlm"),)
+    crops = geo.crops()
+    if not crops:
+        return (Stage(0, budget, geo.num_image_tokens, "fastervlm"),)
+    per_patch = len(crops[0])
+    if budget % len(crops) or not 1 <= budget // len(crops) <= per_patch:
+        raise FeatherError(
+            f"--method fastervlm keeps budget / crops patches per crop: --budget {budget} must be a "
+            f"multiple of the {len(crops)} crops (base image + {len(crops) - 1}) between "
+            f"{len(crops)} and {len(crops) * per_patch}, e.g. {default_crop_budget(geo)}")
+    newlines = len(geo.free_indices())
+    return (Stage(0, budget + newlines, geo.num_image_tokens, "fastervlm",
+                  per_crop=budget // len(crops)),)
+
+
+def default_crop_budget(geo: ModelGeometry) -> int:
+    """FasterVLM's default on crops: a quarter of each crop's patches, in every crop."""
+    crops = geo.crops()
+    return max(1, len(crops[0]) // 4) * len(crops)
 
 
 def btp_default_layers(num_layers: int, num_image_tokens: int) -> tuple[int, ...]:

@@ -27,6 +27,17 @@ def select_tokens(scores: np.ndarray, budget: int, forced: np.ndarray | None = N
     return np.sort(np.concatenate([np.flatnonzero(forced), chosen])).astype(np.int64)
 
 
+def select_per_crop(scores: np.ndarray, crops, per_crop: int, always: np.ndarray) -> np.ndarray:
+    """FasterVLM on crops (LLaVA-NeXT, docs/design.md §3): the top ``per_crop`` tokens of each crop
+    by score (ties to the lower index), plus every token of ``always`` (the newlines); ascending.
+
+    ``crops``: per crop, its tokens' indices into ``scores`` (ascending)."""
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    picked = [np.asarray(c)[np.argsort(-scores[np.asarray(c)], kind="stable")[:per_crop]]
+              for c in crops]
+    return np.sort(np.concatenate([*picked, np.asarray(always, np.int64)])).astype(np.int64)
+
+
 # ---- BTP (docs/design.md §4) ------------------------------------------------------------------------------
 
 COSINE_EPS = np.float32(1e-12)      # a zero hidden state counts as norm 1e-12 (never NaN)

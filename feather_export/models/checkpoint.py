@@ -1,6 +1,7 @@
 """Local LLaVA checkpoint directories and model names: check, read the config, load the weights.
 
-A checkpoint directory is the Hugging Face ``LlavaForConditionalGeneration`` layout: ``config.json``,
+A checkpoint directory is the Hugging Face ``LlavaForConditionalGeneration`` (or
+``LlavaNextForConditionalGeneration``) layout: ``config.json``,
 safetensors weights, ``tokenizer.json`` and ``preprocessor_config.json``. A model *name* is a tiny or
 shape-only model built in-process, or the trained built-in ``tiny-shapes``.
 """
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from feather_export.errors import FeatherError
-from feather_export.models.family import check_config
+from feather_export.models.family import check_config, llava_class
 from feather_export.models.geometry import geometry_of
 
 # trained checkpoints shipped inside the package, by name (feather_export/train_tiny.py made them)
@@ -71,13 +72,12 @@ def quiet_transformers() -> None:
 
 
 def load_checkpoint(path: str | os.PathLike):
-    """Load a local LLaVA checkpoint directory as an fp32 ``LlavaForConditionalGeneration``."""
-    from transformers import LlavaForConditionalGeneration
-
+    """Load a local LLaVA checkpoint directory as an fp32 ``LlavaForConditionalGeneration``
+    (``LlavaNextForConditionalGeneration`` for ``llava_next``)."""
     quiet_transformers()
     path = check_checkpoint_dir(path)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype="float32")
+        model = llava_class(_read_config(path)).from_pretrained(path, dtype="float32")
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad checkpoint to the user
         raise FeatherError(f"could not load the checkpoint in {path}: {exc}") from None
     geometry_of(model.config)
@@ -85,9 +85,8 @@ def load_checkpoint(path: str | os.PathLike):
 
 
 def load_config(spec: str | os.PathLike):
-    """The ``LlavaConfig`` of a model name or a checkpoint directory, without any weights."""
-    from transformers import LlavaConfig
-
+    """The ``LlavaConfig`` (``LlavaNextConfig``) of a model name or a checkpoint directory, without
+    any weights."""
     from feather_export.models.shapes import SHAPE_MODELS, shape_llava_config
     from feather_export.models.tiny import TINY_MODELS, tiny_llava_config
 
@@ -97,7 +96,7 @@ def load_config(spec: str | os.PathLike):
         return shape_llava_config(str(spec))
     path = check_checkpoint_dir(checkpoint_path(spec))
     try:
-        return LlavaConfig.from_pretrained(path)
+        return llava_class(_read_config(path), "config_class").from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - a config transformers rejects is a bad checkpoint
         raise FeatherError(f"could not read the config in {path}: {exc}") from None
 

@@ -65,6 +65,29 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
 }
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    """One top-level checkpoint class (``model_type``): what wraps the text and vision models."""
+
+    model_type: str
+    model_class: str                 # transformers' ForConditionalGeneration class
+    config_class: str                # transformers' config class
+    vision_families: tuple[str, ...]  # towers supported under it
+    anyres: bool = False             # LLaVA-NeXT: crops + stitched raster for one pinpoint
+    processors: tuple[str, ...] = ()  # image processors of the whole model (empty: the tower's)
+    exported: bool = True            # the exporter builds its segments (else: reference only)
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "llava": ModelKind("llava", "LlavaForConditionalGeneration", "LlavaConfig",
+                       tuple(VISION_FAMILIES)),
+    "llava_next": ModelKind("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextConfig",
+                            ("clip_vision_model",), anyres=True,
+                            processors=("LlavaNextImageProcessor", "LlavaNextImageProcessorPil",
+                                        "LlavaNextImageProcessorFast")),
+}
+
+
 def _get(config, key, default=None):
     if isinstance(config, dict):
         return config.get(key, default)
@@ -177,22 +200,54 @@ def vision_spec(config) -> VisionSpec:
             raise FeatherError(f"vision_feature_layer {x} selects the embeddings, not the output "
                                "of a vision layer")
         resolved.append(index)
+    processors = MODEL_KINDS.get(_get(config, "model_type", "llava"), MODEL_KINDS["llava"]).processors
     return VisionSpec(kind, family.cls_token, family.pre_norm, family.patch_bias, tuple(resolved),
-                      keep_cls=strategy == "full" and family.cls_token, processors=family.processors)
+                      keep_cls=strategy == "full" and family.cls_token,
+                      processors=processors or family.processors)
 
 
-def check_config(config, *, max_sequence: int | None = None) -> tuple[TextSpec, VisionSpec]:
+def model_kind(config) -> ModelKind:
+    """The checkpoint class of a config (object or config.json dict); refuses unknown ones."""
+    kind = _get(config, "model_type", "llava")
+    if kind not in MODEL_KINDS:
+        listed = " and ".join(f"{k!r} ({v.model_class})" for k, v in MODEL_KINDS.items())
+        raise FeatherError(f"model_type {kind!r} is not supported; only {listed} checkpoints are")
+    return MODEL_KINDS[kind]
+
+
+def llava_class(config, part: str = "model_class"):
+    """transformers' class of a config's model kind: its ForConditionalGeneration class, or with
+    ``part="config_class"`` its config class."""
+    import transformers
+
+    return getattr(transformers, getattr(model_kind(config), part))
+
+
+def check_config(config, *, max_sequence: int | None = None, resolution=None,
+                 unexported_ok: bool = False) -> tuple[TextSpec, VisionSpec]:
     """Refuse anything the exporter does not reproduce, from the config alone (no weights).
 
     ``max_sequence`` is the artifact's longest sequence (image + text + new tokens): a sliding
     window shorter than it would change attention, which the graphs do not implement, so such a
-    window is refused.
+    window is refused. ``resolution`` (LLaVA-NeXT only: ``"HxW"`` or (H, W)) is the pinpoint the
+    artifact is exported for (default: the largest square one). A kind the exporter does not build
+    yet is refused unless ``unexported_ok`` (the in-process PyTorch reference).
     """
-    kind = _get(config, "model_type", "llava")
-    if kind != "llava":
-        raise FeatherError(f"model_type {kind!r} is not supported; only 'llava' "
-                           "(LlavaForConditionalGeneration) checkpoints are")
+    kind = model_kind(config)
+    if not kind.exported and not unexported_ok:
+        raise FeatherError(f"{kind.model_type} ({kind.model_class}) checkpoints cannot be exported "
+                           "or loaded from a directory yet (the PyTorch reference only)")
     text, vision = text_spec(config), vision_spec(config)
+    if vision.family not in kind.vision_families:
+        raise FeatherError(f"{kind.model_type} with a {vision.family} tower is not supported "
+                           f"(supported: {', '.join(kind.vision_families)})")
+    if kind.anyres:
+        from feather_export.models.anyres import anyres_plan
+
+        anyres_plan(config, resolution)
+    elif resolution is not None:
+        raise FeatherError("--resolution applies to LLaVA-NeXT (llava_next) checkpoints only; "
+                           f"this one is {kind.model_type!r} with a fixed input size")
     if (max_sequence is not None and text.sliding_window is not None
             and text.sliding_window < max_sequence):
         raise FeatherError(

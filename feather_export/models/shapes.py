@@ -39,13 +39,15 @@ class ShapeSpec:
     vocab: int
     vision_feature_layer: int = -2
     rope_theta: float = 10000.0
-    text: str = "llama"                 # llama | qwen2 (models.family)
+    text: str = "llama"                 # llama | mistral | qwen2 (models.family)
     vision: str = "clip"                # clip | siglip
     strategy: str = "default"           # vision_feature_select_strategy
     tied: bool = False                  # lm_head tied to the embeddings
+    pinpoints: tuple = ()               # LLaVA-NeXT (anyres) grid pinpoints (H, W)
 
     @property
     def num_image_tokens(self) -> int:
+        """Patches of one crop (LLaVA-NeXT: see ``models.anyres`` for the whole plan)."""
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -77,6 +79,15 @@ SHAPE_MODELS: dict[str, ShapeSpec] = {
         vision_layers=26, vision_heads=16, hidden=1024, layers=24, heads=16, kv_heads=16,
         intermediate=2816, vocab=152000, vision_feature_layer=-1, rope_theta=1000000.0,
         text="qwen2", vision="siglip", strategy="full", tied=True),
+    "shape-llava-next-cpu": ShapeSpec(
+        "LLaVA-NeXT token plan for CPU benchmarks: CLIP 336/14 crops (a 4-layer width-512 tower, "
+        "feature layer -2) x 5 at 672x672 + 48 newlines = 2,928 image tokens, llava-v1.6's "
+        "pinpoints; a Mistral-shaped decoder (8 layers, hidden 1024, 16 heads, 8 KV heads, FFN "
+        "2816, vocab 32064, no sliding window)",
+        image_size=336, patch_size=14, vision_hidden=512, vision_intermediate=2048,
+        vision_layers=4, vision_heads=8, hidden=1024, layers=8, heads=16, kv_heads=8,
+        intermediate=2816, vocab=32064, rope_theta=1000000.0, text="mistral",
+        pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))),
 }
 
 
@@ -87,9 +98,9 @@ def shape_spec(name: str) -> ShapeSpec:
 
 
 def shape_llava_config(name: str):
-    """The ``LlavaConfig`` of a shape model (no weights)."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config,
-                              SiglipVisionConfig)
+    """The ``LlavaConfig`` (``LlavaNextConfig`` with pinpoints) of a shape model (no weights)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
+                              MistralConfig, Qwen2Config, SiglipVisionConfig)
 
     from feather_export.models.tokenizer import (BOS_TOKEN_ID, EOS_TOKEN_ID, IMAGE_TOKEN_ID,
                                                  PAD_TOKEN_ID, TINY_VOCAB_SIZE)
@@ -106,20 +117,24 @@ def shape_llava_config(name: str):
                                     layer_norm_eps=1e-6, vision_use_head=False)
     else:
         vision = CLIPVisionConfig(**vision_common, projection_dim=768, hidden_act="quick_gelu")
-    text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.text]
+    text_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[spec.text]
+    text_extra = {"sliding_window": None} if spec.text == "mistral" else {}
     text = text_cls(
         hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab, max_position_embeddings=4096,
         rms_norm_eps=1e-5 if spec.text == "llama" else 1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        tie_word_embeddings=spec.tied,
+        tie_word_embeddings=spec.tied, **text_extra,
         bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                       image_seq_length=spec.num_image_tokens,
-                       vision_feature_layer=spec.vision_feature_layer,
-                       vision_feature_select_strategy=spec.strategy,
-                       projector_hidden_act="gelu", tie_word_embeddings=spec.tied)
+    config_cls, extra = LlavaConfig, {}
+    if spec.pinpoints:
+        config_cls, extra = LlavaNextConfig, {"image_grid_pinpoints": [list(p) for p in spec.pinpoints]}
+    return config_cls(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                      image_seq_length=spec.num_image_tokens,
+                      vision_feature_layer=spec.vision_feature_layer,
+                      vision_feature_select_strategy=spec.strategy,
+                      projector_hidden_act="gelu", tie_word_embeddings=spec.tied, **extra)
 
 
 def shape_weights(name: str):
@@ -131,20 +146,21 @@ def shape_weights(name: str):
 
 
 def build_shape_model(name: str, progress: Callable[[str], None] | None = None):
-    """A ``LlavaForConditionalGeneration`` of the shape, fp32, with ``shape_weights(name)``
+    """A ``LlavaForConditionalGeneration`` (``LlavaNext...`` with pinpoints) of the shape, fp32,
+    with ``shape_weights(name)``
     (the same tensors a streamed export writes).
 
     EOS is cleared from the generation config: an artifact exported from it never stops early.
     """
-    from transformers import LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
+    from feather_export.models.family import llava_class
     from feather_export.models.weights import fill_model
 
     say = progress or (lambda msg: None)
     weights = shape_weights(name)
     with no_init_weights():                 # allocation only; the weights are filled below
-        model = LlavaForConditionalGeneration(weights.config)
+        model = llava_class(weights.config)(weights.config)
     count = sum(p.numel() for p in model.parameters())
     say(f"filling {count / 1e9:.2f}B random parameters of {name}")
     fill_model(model, weights)

@@ -41,6 +41,7 @@ class TinySpec:
     tied: bool = False
     text_extra: tuple = ()
     chat: tuple[str, str] | None = None      # (models.chat.TINY_CHAT_TEMPLATES key, where stored)
+    pinpoints: tuple[tuple[int, int], ...] = ()   # LLaVA-NeXT (anyres) grid pinpoints (H, W)
 
 
 TINY_MODELS: dict[str, TinySpec] = {
@@ -73,9 +74,17 @@ TINY_MODELS: dict[str, TinySpec] = {
     "tiny-clip-full": TinySpec(224, 14, 32, 3, 4, 64, 4, 4, 2, 128, 10000.0,
                                feature_layer=(-3, -1), strategy="full",
                                chat=("llava", "chat_template.json")),
+    # llava-v1.6-mistral-like LLaVA-NeXT (anyres): CLIP 112 px / patch 14 -> 8 x 8 patches per crop,
+    # llava-v1.6's pinpoints scaled by 112/336; Mistral without a sliding window, [INST] template.
+    # 224x224: 64 + 16 x 16 + 16 newlines = 336 image tokens.
+    "tiny-next": TinySpec(112, 14, 32, 2, 4, 64, 4, 4, 2, 128, 1000000.0, text="mistral",
+                          text_extra=(("sliding_window", None),),
+                          chat=("inst", "chat_template.json"),
+                          pinpoints=((112, 224), (224, 112), (224, 224), (336, 112), (112, 336))),
 }
 
 FAMILY_TINY_MODELS = ("tiny-mistral", "tiny-qwen2-siglip", "tiny-llama-siglip", "tiny-clip-full")
+NEXT_TINY_MODELS = ("tiny-next",)
 
 
 def tiny_llava_config(name: str):
@@ -117,13 +126,21 @@ def small_llava_config(spec, tok, initializer_range: float | None = None):
     from feather_export.models.geometry import geometry_of
 
     feature_layer = getattr(spec, "feature_layer", -2)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tok.token_to_id("<image>"), tie_word_embeddings=tied,
-                         vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple)
-                         else feature_layer,
-                         vision_feature_select_strategy=getattr(spec, "strategy", "default"),
-                         **init)
-    config.image_seq_length = geometry_of(config).num_image_tokens     # the CLS too under full
+    pinpoints = getattr(spec, "pinpoints", ())
+    config_cls, extra = LlavaConfig, {}
+    if pinpoints:
+        from transformers import LlavaNextConfig
+
+        config_cls, extra = LlavaNextConfig, {"image_grid_pinpoints": [list(p) for p in pinpoints]}
+    config = config_cls(vision_config=vision, text_config=text,
+                        image_token_index=tok.token_to_id("<image>"), tie_word_embeddings=tied,
+                        vision_feature_layer=list(feature_layer) if isinstance(feature_layer, tuple)
+                        else feature_layer,
+                        vision_feature_select_strategy=getattr(spec, "strategy", "default"),
+                        **extra, **init)
+    # LLaVA: every image token (the CLS too under full); LLaVA-NeXT: the patches of one crop
+    config.image_seq_length = ((spec.image_size // spec.patch_size) ** 2 if pinpoints
+                               else geometry_of(config).num_image_tokens)
     return config
 
 
@@ -134,10 +151,12 @@ def build_tiny_model(name: str):
     scores are well separated, which keeps kept-index comparisons meaningful.
     """
     import torch
-    from transformers import LlavaForConditionalGeneration
+    import transformers
+
+    from feather_export.models.family import model_kind
 
     config = tiny_llava_config(name)
-    model = LlavaForConditionalGeneration(config)
+    model = getattr(transformers, model_kind(config).model_class)(config)
     gen = torch.Generator().manual_seed(TINY_SEED + sum(map(ord, name)))
 
     def normal(shape, std):
@@ -146,7 +165,7 @@ def build_tiny_model(name: str):
     with torch.no_grad():
         for module in model.modules():
             for pname, p in module.named_parameters(recurse=False):
-                if isinstance(module, torch.nn.Embedding):
+                if isinstance(module, torch.nn.Embedding) or pname == "image_newline":
                     p.copy_(normal(p.shape, 1.0))
                 elif pname == "weight" and p.dim() >= 2:  # Linear / Conv: 1/sqrt(fan_in)
                     p.copy_(normal(p.shape, p[0].numel() ** -0.5))
@@ -175,7 +194,8 @@ def make_tiny(name: str, out_dir: str | os.PathLike) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tiny_tokenizer(tmp)
         write_preprocessor_config(tmp, TINY_MODELS[name].image_size,
-                                  vision_spec(model.config).processors[0])
+                                  vision_spec(model.config).processors[0],
+                                  pinpoints=TINY_MODELS[name].pinpoints)
         if TINY_MODELS[name].chat is not None:
             chat, location = TINY_MODELS[name].chat
             write_chat_template(tmp, TINY_CHAT_TEMPLATES[chat], location)

@@ -41,6 +41,7 @@ TEXT = "model.language_model"
 PROJECTOR = "model.multi_modal_projector"
 EMBED = f"{TEXT}.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+NEWLINE = "model.image_newline"        # LLaVA-NeXT: the token after each stitched raster row
 
 # safetensors dtype -> (numpy dtype read from the file, torch dtype it is viewed as)
 _SAFETENSORS_DTYPES = {"F32": ("float32", "float32"), "F16": ("float16", "float16"),
@@ -221,17 +222,19 @@ def _eos_of(path: Path, config) -> list[int]:
 
 
 class ShapeWeights(Weights):
-    """A shape model's weights: N(0, std) matrices and embeddings, unit norms, zero biases, each
-    tensor from its own seed (the model seed and a CRC of its name), generated on request."""
+    """A shape model's weights: N(0, std) matrices, embeddings and ``image_newline``, unit norms,
+    zero biases, each tensor from its own seed (the model seed and a CRC of its name), generated
+    on request."""
 
     def __init__(self, name: str, config, seed: int, std: float):
         import torch
-        from transformers import LlavaForConditionalGeneration
+
+        from feather_export.models.family import llava_class
 
         self.config = config
         self.seed, self.std = seed, std
         with torch.device("meta"):               # names and shapes only: no memory
-            skeleton = LlavaForConditionalGeneration(config)
+            skeleton = llava_class(config)(config)
         self._shapes = {n: tuple(p.shape) for n, p in skeleton.state_dict().items()}
         self.eos_token_ids = []
 
@@ -245,7 +248,7 @@ class ShapeWeights(Weights):
         import torch
 
         shape = self._shapes[name]
-        if len(shape) >= 2 or name.endswith("class_embedding"):
+        if len(shape) >= 2 or name.endswith(("class_embedding", "image_newline")):
             rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
             values = rng.standard_normal(int(np.prod(shape)), dtype=np.float32)
             values *= np.float32(self.std)

@@ -30,9 +30,22 @@ def score_input_names(stage: Stage) -> tuple[str, str]:
     return f"score_query.{src}", keys
 
 
-def build_select(model, stage: Stage, side: int, et: int):
+def _layout(layout):
+    """(side, geometry or None) from a ``ModelGeometry`` or a square raster's side."""
+    from feather_export.models.geometry import ModelGeometry
+
+    if isinstance(layout, ModelGeometry):
+        return layout.grid_side, (None if layout.single_raster else layout)
+    return int(layout), None
+
+
+def build_select(model, stage: Stage, layout, et: int):
+    """``layout``: the model's ``ModelGeometry`` (or one square raster's side). One square raster
+    uses the op's grid attributes; other layouts (LLaVA-NeXT) force their grid with a constant mask
+    in standard ops before the op (forced tokens rank as +inf, ``grid_stride`` 0 on the node)."""
+    side, geo = _layout(layout)
     if stage.criterion == "fastervlm":
-        return _build_vision_select(model, stage, side, et)
+        return _build_vision_select(model, stage, side, et, geo)
     if stage.criterion == "btp":
         return build_btp_select(model, stage, side, et)
     g, (query, keys, hidden, positions, start, image_rows), (heads, kv_heads, head_dim, d) = \
@@ -47,8 +60,13 @@ def build_select(model, stage: Stage, side: int, et: int):
         scores = g.op("Gather", scores, image_rows, axis=0)
     scores = g.op("Identity", scores, outputs=["scores"])
     outs = [f"{name}_sel" for name in SELECT_OUTPUTS]
-    select_node(g, scores, hidden, positions, start, budget=stage.keep, num_image_tokens=n,
-                grid_side=side, grid_stride=stage.grid_stride, criterion=stage.criterion,
+    ranked, stride = scores, stage.grid_stride
+    if geo is not None and stride > 0:          # several rasters: the united grid as a mask
+        ranked = g.op("Where", g.const(geo.grid_mask(stride), bool),
+                      g.const(np.inf, np.float32), scores)
+        stride = 0
+    select_node(g, ranked, hidden, positions, start, budget=stage.keep, num_image_tokens=n,
+                grid_side=side, grid_stride=stride, criterion=stage.criterion,
                 outputs=outs, name=f"SelectTokens_{stage.layer}", raster_offset=stage.raster_offset)
     _outputs(g, outs, stage.keep, d, et)
     g.output(scores, "scores", F32, [n])
@@ -127,13 +145,31 @@ def _build_drop_all(model, stage: Stage, et: int):
     return g.model()
 
 
-def _build_vision_select(model, stage: Stage, side: int, et: int):
+def _per_crop_ranking(g: GraphBuilder, scores: str, geo, per_crop: int) -> str:
+    """FasterVLM on crops (LLaVA-NeXT): a TopK of ``per_crop`` in each crop (rows of a constant
+    [crops, patches] index table, ascending, so ties go to the lower index) and every newline
+    become 1, the rest 0; the op's TopK of ``keep`` then takes exactly those, ascending."""
+    table = np.stack(geo.crops()).astype(np.int64)                     # [C, P]
+    by_crop = g.op("Gather", scores, g.const(table), axis=0)              # [C, P]
+    _, top = g.op("TopK", by_crop, g.const(np.array([per_crop], np.int64)), axis=1, largest=1,
+                  sorted=1, outputs=2)
+    picked = g.op("Reshape", g.op("GatherElements", g.const(table), top, axis=1), g.const([-1]))
+    free = geo.free_indices()
+    base = np.zeros(geo.num_image_tokens, np.float32)
+    base[free] = 1.0
+    ones = g.const(np.ones(table.shape[0] * per_crop), np.float32)
+    return g.op("ScatterElements", g.const(base, np.float32), picked, ones, axis=0)
+
+
+def _build_vision_select(model, stage: Stage, side: int, et: int, geo=None):
     d = model.config.text_config.hidden_size
     n = stage.num_in
     g = GraphBuilder("select_0")
     scores = g.input("cls_scores", F32, [n])
     features = g.input("image_features", et, [1, n, d])
     positions = g.const(np.arange(n, dtype=np.int64)[None])
+    if stage.per_crop:
+        scores = _per_crop_ranking(g, scores, geo, stage.per_crop)
     select_node(g, scores, features, positions, g.const(0), budget=stage.keep, num_image_tokens=n,
                 grid_side=side, grid_stride=0, criterion="fastervlm",
                 outputs=["kept_sel", "features_sel", "unused_positions"], name="SelectTokens_0",

@@ -25,50 +25,12 @@ def build_vision(w, et: int, store=None, on_layer=None):
     initializers stream; ``on_layer(i)`` after layer i is built (progress)."""
     spec = vision_spec(w.config)
     vcfg = w.config.vision_config
-    tower = w.vision_prefix
-    eps = vcfg.layer_norm_eps
     size, patch = vcfg.image_size, vcfg.patch_size
-    side = size // patch
-    n, c, heads = side * side, vcfg.hidden_size, vcfg.num_attention_heads
-    head_dim = c // heads
+    n = (size // patch) ** 2
     first, count = spec.image_token_span(n)        # the image tokens: [first, first + count)
     g = GraphBuilder("vision", store=store)
     pixels = g.input("pixel_values", F32, [1, 3, size, size])
-    emb = f"{tower}.embeddings"
-    conv_type = F32 if et == BF16 else et      # ONNX Conv has no bfloat16 before opset 22
-    conv_inputs = [cast(g, pixels, F32, conv_type),
-                   g.weight("patch_embedding.weight", w.get(f"{emb}.patch_embedding.weight"),
-                            conv_type)]
-    if spec.patch_bias:
-        conv_inputs.append(g.weight("patch_embedding.bias", w.get(f"{emb}.patch_embedding.bias"),
-                                    conv_type))
-    x = g.op("Conv", *conv_inputs, kernel_shape=[patch, patch], strides=[patch, patch])
-    x = cast(g, x, conv_type, et)
-    x = g.op("Transpose", g.op("Reshape", x, g.const([1, c, n])), perm=[0, 2, 1])
-    if spec.cls_token:
-        cls = g.weight("class_embedding", w.get(f"{emb}.class_embedding").reshape(1, 1, c), et)
-        x = g.op("Concat", cls, x, axis=1)
-    x = g.op("Add", x, g.weight("position_embedding",
-                                w.get(f"{emb}.position_embedding.weight")[None], et))
-    if spec.pre_norm:
-        x = layer_norm(g, x, w, f"{tower}.{spec.pre_norm}", spec.pre_norm, et, eps)
-    hidden_states = {0: x}
-    for i in range(spec.run_layers):
-        layer, p = f"{tower}.encoder.layers.{i}", f"vision.layers.{i}"
-        h = layer_norm(g, x, w, f"{layer}.layer_norm1", f"{p}.layer_norm1", et, eps)
-        a = f"{layer}.self_attn"
-        qkv = linear(g, h, w, [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], f"{p}.qkv_proj", et)
-        q, k, v = (heads_first(g, split_heads(g, t, heads, head_dim))
-                   for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
-        probs = attention_probs(g, q, k, 1, heads, head_dim, None)   # [1, H, 1, T, T]
-        x = g.op("Add", x, linear(g, attend(g, probs, v, heads, head_dim, et), w,
-                                  f"{a}.out_proj", f"{p}.out_proj", et))
-        h = layer_norm(g, x, w, f"{layer}.layer_norm2", f"{p}.layer_norm2", et, eps)
-        h = activation(g, linear(g, h, w, f"{layer}.mlp.fc1", f"{p}.fc1", et), vcfg.hidden_act, et)
-        x = g.op("Add", x, linear(g, h, w, f"{layer}.mlp.fc2", f"{p}.fc2", et))
-        hidden_states[i + 1] = x
-        if on_layer:
-            on_layer(i)
+    hidden_states, probs = tower_hidden_states(g, w, pixels, 1, et, on_layer)
     if spec.cls_token:                          # the CLS query's row, image-token columns
         row = g.op("Gather", probs, g.const(0), axis=3)                 # [1, H, 1, 1+N]
         cols = g.op("Slice", row, g.const([first]), g.const([first + count]), g.const([3]))
@@ -86,3 +48,59 @@ def build_vision(w, et: int, store=None, on_layer=None):
     g.output(y, "image_features", et, [1, count, w.config.text_config.hidden_size])
     g.output(scores, "cls_scores", F32, [count])
     return g.model()
+
+
+def tower_hidden_states(g: GraphBuilder, w, pixels: str, batch: int, et: int, on_layer=None):
+    """The vision tower (weights by name from ``w``) on ``pixels`` f32 [batch, 3, size, size] up
+    to the deepest feature layer: ({hidden_states index: [batch, T, c]}, the last layer's
+    attention probabilities). With batch > 1 (LLaVA-NeXT's crops) the batch is folded into the
+    heads for attention: probabilities [1, batch x heads, 1, T, T], crop-major."""
+    spec = vision_spec(w.config)
+    vcfg = w.config.vision_config
+    tower = w.vision_prefix
+    eps = vcfg.layer_norm_eps
+    size, patch = vcfg.image_size, vcfg.patch_size
+    n, c, heads = (size // patch) ** 2, vcfg.hidden_size, vcfg.num_attention_heads
+    head_dim = c // heads
+    emb = f"{tower}.embeddings"
+    conv_type = F32 if et == BF16 else et      # ONNX Conv has no bfloat16 before opset 22
+    conv_inputs = [cast(g, pixels, F32, conv_type),
+                   g.weight("patch_embedding.weight", w.get(f"{emb}.patch_embedding.weight"),
+                            conv_type)]
+    if spec.patch_bias:
+        conv_inputs.append(g.weight("patch_embedding.bias", w.get(f"{emb}.patch_embedding.bias"),
+                                    conv_type))
+    x = g.op("Conv", *conv_inputs, kernel_shape=[patch, patch], strides=[patch, patch])
+    x = cast(g, x, conv_type, et)
+    x = g.op("Transpose", g.op("Reshape", x, g.const([batch, c, n])), perm=[0, 2, 1])
+    if spec.cls_token:
+        cls = g.weight("class_embedding", w.get(f"{emb}.class_embedding").reshape(1, 1, c), et)
+        if batch > 1:
+            cls = g.op("Expand", cls, g.const([batch, 1, c]))
+        x = g.op("Concat", cls, x, axis=1)
+    x = g.op("Add", x, g.weight("position_embedding",
+                                w.get(f"{emb}.position_embedding.weight")[None], et))
+    if spec.pre_norm:
+        x = layer_norm(g, x, w, f"{tower}.{spec.pre_norm}", spec.pre_norm, et, eps)
+    hidden_states, probs = {0: x}, None
+    fold = (lambda t: t) if batch == 1 else (
+        lambda t: g.op("Reshape", t, g.const([1, batch * heads, -1, head_dim])))
+    for i in range(spec.run_layers):
+        layer, p = f"{tower}.encoder.layers.{i}", f"vision.layers.{i}"
+        h = layer_norm(g, x, w, f"{layer}.layer_norm1", f"{p}.layer_norm1", et, eps)
+        a = f"{layer}.self_attn"
+        qkv = linear(g, h, w, [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], f"{p}.qkv_proj", et)
+        q, k, v = (fold(heads_first(g, split_heads(g, t, heads, head_dim)))
+                   for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
+        probs = attention_probs(g, q, k, 1, batch * heads, head_dim, None)   # [1, BH, 1, T, T]
+        ctx = attend(g, probs, v, batch * heads, head_dim, et)               # [1, T, B*c]
+        if batch > 1:                                                        # -> [B, T, c]
+            ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([-1, batch, c])), perm=[1, 0, 2])
+        x = g.op("Add", x, linear(g, ctx, w, f"{a}.out_proj", f"{p}.out_proj", et))
+        h = layer_norm(g, x, w, f"{layer}.layer_norm2", f"{p}.layer_norm2", et, eps)
+        h = activation(g, linear(g, h, w, f"{layer}.mlp.fc1", f"{p}.fc1", et), vcfg.hidden_act, et)
+        x = g.op("Add", x, linear(g, h, w, f"{layer}.mlp.fc2", f"{p}.fc2", et))
+        hidden_states[i + 1] = x
+        if on_layer:
+            on_layer(i)
+    return hidden_states, probs

@@ -78,23 +78,27 @@ def _stage_label(i: int, kept: np.ndarray, total: int, raster_offset: int) -> st
     return label
 
 
-def _panel(view, kept: np.ndarray | None, grid_side: int, label: str):
+def _panel(view, kept: np.ndarray | None, grid_side: int, label: str, cols: int | None = None):
+    """One panel: ``view`` with a grid_side (rows) x cols raster; ``kept`` row-major in it."""
     from PIL import Image, ImageDraw
 
-    base = view.resize((PANEL, PANEL), Image.Resampling.NEAREST)
-    canvas = Image.new("RGB", (PANEL, PANEL + _LABEL_H), (255, 255, 255))
-    cell = PANEL / grid_side
+    rows_n, cols_n = grid_side, cols or grid_side
+    width = round(PANEL * cols_n / rows_n)
+    base = view.resize((width, PANEL), Image.Resampling.NEAREST)
+    canvas = Image.new("RGB", (width, PANEL + _LABEL_H), (255, 255, 255))
+    cell = PANEL / rows_n
     if kept is not None:
-        mask = np.zeros(grid_side * grid_side, bool)
+        mask = np.zeros(rows_n * cols_n, bool)
         mask[kept] = True
         pixels = np.asarray(base, dtype=np.float32)
-        rows = np.minimum((np.arange(PANEL) / cell).astype(int), grid_side - 1)
-        keep_px = mask.reshape(grid_side, grid_side)[rows][:, rows]
+        rows = np.minimum((np.arange(PANEL) / cell).astype(int), rows_n - 1)
+        cols_px = np.minimum((np.arange(width) / cell).astype(int), cols_n - 1)
+        keep_px = mask.reshape(rows_n, cols_n)[rows][:, cols_px]
         pixels[~keep_px] *= _DIM
         base = Image.fromarray(pixels.astype(np.uint8))
         draw = ImageDraw.Draw(base)
         for index in kept:
-            r, c = divmod(int(index), grid_side)
+            r, c = divmod(int(index), cols_n)
             draw.rectangle((round(c * cell), round(r * cell), round((c + 1) * cell) - 1,
                             round((r + 1) * cell) - 1), outline=_KEPT_OUTLINE)
     canvas.paste(base, (0, _LABEL_H))
@@ -137,9 +141,69 @@ def draw_overlay(image, kept_per_stage, grid_side: int, out_png: str | os.PathLi
     return out
 
 
+def raster_local(kept, raster) -> np.ndarray:
+    """The kept sequence indices that fall on ``raster`` ([start, rows, cols, pitch]), as row-major
+    indices into it (newlines and other rasters dropped)."""
+    start, rows, cols, pitch = (int(v) for v in raster)
+    offset = np.asarray(kept, np.int64) - start
+    on = (offset >= 0) & (offset < rows * pitch) & (offset % pitch < cols)
+    return (offset[on] // pitch) * cols + offset[on] % pitch
+
+
+def draw_raster_overlay(views, kept_per_stage, rasters, out_png: str | os.PathLike,
+                        title: str | None = None) -> Path:
+    """Several rasters (LLaVA-NeXT: the base image and the high-resolution stitched view): one row
+    of panels per raster, ``views[i]`` (a PIL image) under raster ``rasters[i]`` = [start, rows,
+    cols, pitch]; the input first, then each stage's kept patches on that raster."""
+    from PIL import Image, ImageDraw
+
+    names = ("base image", "high-resolution view")
+    rows_of_panels = []
+    for i, (view, raster) in enumerate(zip(views, rasters)):
+        _, rows, cols, _ = (int(v) for v in raster)
+        name = names[i] if i < len(names) else f"raster {i + 1}"
+        panels = [_panel(view, None, rows, f"{name} ({rows}x{cols})", cols)]
+        for s, kept in enumerate(kept_per_stage or ()):
+            local = raster_local(kept, raster)
+            panels.append(_panel(view, local, rows, f"stage {s + 1}: {local.size}/{rows * cols} kept",
+                                 cols))
+        rows_of_panels.append(panels)
+    head = _LABEL_H if title else 0
+    width = max(sum(p.width for p in row) + 4 * (len(row) - 1) for row in rows_of_panels)
+    sheet = Image.new("RGB", (width, (PANEL + _LABEL_H + 4) * len(rows_of_panels) + head),
+                      (255, 255, 255))
+    for r, row in enumerate(rows_of_panels):
+        x = 0
+        for panel in row:
+            sheet.paste(panel, (x, head + r * (PANEL + _LABEL_H + 4)))
+            x += panel.width + 4
+    if title:
+        ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0))
+    out = Path(out_png)
+    if out.parent and not out.parent.exists():
+        raise FeatherError(f"cannot write {out}: the directory {out.parent} does not exist")
+    sheet.save(out, format="PNG")
+    return out
+
+
 def draw_pipeline_overlay(pipe, image, result, out_png: str | os.PathLike, title: str | None = None) -> Path:
-    """``draw_overlay`` for a ``feather_runtime.Pipeline`` result, on exactly the pixels the model saw."""
+    """``draw_overlay`` for a ``feather_runtime.Pipeline`` result, on exactly the pixels the model
+    saw (LLaVA-NeXT: the base crop and the letterboxed high-resolution image)."""
     pre = pipe.preprocessor
+    anyres = pipe.manifest["model"].get("anyres")
+    if anyres:
+        crop = pre.crop
+        pixels = pre(image)[0]                                    # [crops, 3, h, w]
+        mean = crop.image_mean if crop.do_normalize else (0, 0, 0)
+        std = crop.image_std if crop.do_normalize else (1, 1, 1)
+        gh, gw = anyres["grid"]
+        tiles = [np.asarray(view_from_pixels(p, mean, std)) for p in pixels[1:]]
+        stitched = np.concatenate([np.concatenate(tiles[r * gw:(r + 1) * gw], axis=1)
+                                   for r in range(gh)], axis=0)
+        from PIL import Image
+
+        views = [view_from_pixels(pixels[0], mean, std), Image.fromarray(stitched)]
+        return draw_raster_overlay(views, result.kept, anyres["rasters"], out_png, title=title)
     if not pre.do_rescale:
         raise FeatherError("overlays need a preprocessor that rescales to 0..1 (do_rescale=true)")
     pixels = pre(image)
