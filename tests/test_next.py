@@ -122,20 +122,20 @@ def test_raster_plan_equals_transformers_packing(model):
 ])
 def test_bad_resolution_refused(resolution, message):
     with pytest.raises(FeatherError, match=message):
-        check_config(_v16_config(), resolution=resolution, unexported_ok=True)
+        check_config(_v16_config(), resolution=resolution)
 
 
 def test_refusals_from_the_config_alone(model):
     config = _v16_config().to_dict()
     bad = dict(config, image_grid_pinpoints=[[336, 500]])
     with pytest.raises(FeatherError, match="no square pinpoint"):
-        check_config(bad, unexported_ok=True)
+        check_config(bad)
     with pytest.raises(FeatherError, match="whole number of 336-pixel crops"):
-        check_config(bad, resolution="336x500", unexported_ok=True)
+        check_config(bad, resolution="336x500")
     siglip = dict(config, vision_config={"model_type": "siglip_vision_model"},
                   vision_feature_select_strategy="full")
     with pytest.raises(FeatherError, match="llava_next with a siglip_vision_model tower"):
-        check_config(siglip, unexported_ok=True)
+        check_config(siglip)
     with pytest.raises(FeatherError, match="--resolution applies to LLaVA-NeXT"):
         check_config(tiny_llava_config("tiny"), resolution="336x336")
     geo = geometry_of(model.config)

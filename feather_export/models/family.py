@@ -75,7 +75,6 @@ class ModelKind:
     vision_families: tuple[str, ...]  # towers supported under it
     anyres: bool = False             # LLaVA-NeXT: crops + stitched raster for one pinpoint
     processors: tuple[str, ...] = ()  # image processors of the whole model (empty: the tower's)
-    exported: bool = True            # the exporter builds its segments (else: reference only)
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
@@ -223,20 +222,16 @@ def llava_class(config, part: str = "model_class"):
     return getattr(transformers, getattr(model_kind(config), part))
 
 
-def check_config(config, *, max_sequence: int | None = None, resolution=None,
-                 unexported_ok: bool = False) -> tuple[TextSpec, VisionSpec]:
+def check_config(config, *, max_sequence: int | None = None,
+                 resolution=None) -> tuple[TextSpec, VisionSpec]:
     """Refuse anything the exporter does not reproduce, from the config alone (no weights).
 
     ``max_sequence`` is the artifact's longest sequence (image + text + new tokens): a sliding
     window shorter than it would change attention, which the graphs do not implement, so such a
     window is refused. ``resolution`` (LLaVA-NeXT only: ``"HxW"`` or (H, W)) is the pinpoint the
-    artifact is exported for (default: the largest square one). A kind the exporter does not build
-    yet is refused unless ``unexported_ok`` (the in-process PyTorch reference).
+    artifact is exported for (default: the largest square one).
     """
     kind = model_kind(config)
-    if not kind.exported and not unexported_ok:
-        raise FeatherError(f"{kind.model_type} ({kind.model_class}) checkpoints cannot be exported "
-                           "or loaded from a directory yet (the PyTorch reference only)")
     text, vision = text_spec(config), vision_spec(config)
     if vision.family not in kind.vision_families:
         raise FeatherError(f"{kind.model_type} with a {vision.family} tower is not supported "

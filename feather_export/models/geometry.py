@@ -152,7 +152,7 @@ def geometry_of(config, resolution=None) -> ModelGeometry:
     does not handle); ``resolution``: LLaVA-NeXT's pinpoint (default the largest square one)."""
     from feather_export.models.family import check_config, model_kind
 
-    _, spec = check_config(config, resolution=resolution, unexported_ok=True)
+    _, spec = check_config(config, resolution=resolution)
     if model_kind(config).anyres:
         from feather_export.models.anyres import anyres_plan
 
