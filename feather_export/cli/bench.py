@@ -27,7 +27,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gen-lengths", default="1,16,64",
                    help="generation lengths to report decode tokens/s at; every run generates "
                         "the largest (default 1,16,64)")
-    p.add_argument("--backend", help="onnxruntime, onnxruntime-cpu, onnxruntime-cuda (default: "
+    p.add_argument("--backend", help="onnxruntime, onnxruntime-cpu, onnxruntime-cuda, openvino, "
+                   "openvino-bf16, openvino-f32, auto (the fastest here: OpenVINO bf16 on a CPU with bf16 units) (default: "
                    "onnxruntime, on CUDA when onnxruntime-gpu is installed)")
     p.add_argument("--device", help="roofline device: cpu (measured here; the default on CPU) "
                    "or h100-sxm, h200, a100, agx-orin, orin-nano (default on GPU: detected)")

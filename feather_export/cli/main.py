@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: random; greedy ignores it)")
     p.add_argument("--stop", action="append",
                    help="stop string, not included in the answer (repeatable; default: none)")
-    p.add_argument("--backend", help="onnxruntime, onnxruntime-cpu, onnxruntime-cuda, tensorrt "
+    p.add_argument("--backend", help="onnxruntime, onnxruntime-cpu, onnxruntime-cuda, openvino, "
+                   "openvino-bf16, openvino-f32, auto (the fastest here), tensorrt "
                    "(default: onnxruntime, on CUDA when onnxruntime-gpu is installed)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--overlay", metavar="PNG", help="also draw the kept image patches of every pruning "

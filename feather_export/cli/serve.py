@@ -36,7 +36,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model name clients send (default: the artifact's "
                                         "model id, e.g. tiny-shapes)")
     p.add_argument("--backend", help="onnxruntime (default: CUDA when onnxruntime-gpu is "
-                   "installed), onnxruntime-cpu, onnxruntime-cuda, tensorrt")
+                   "installed), onnxruntime-cpu, onnxruntime-cuda, openvino, openvino-bf16, "
+                   "openvino-f32, auto (the fastest here), tensorrt")
     p.add_argument("--cpus-per-replica", type=float, default=1.0,
                    help="Ray CPUs per replica; also ONNX Runtime's threads (default 1)")
     p.add_argument("--gpus-per-replica", type=float,

@@ -34,19 +34,49 @@ class Backend(Protocol):
 
 def get_backend(name: str | None = None) -> Backend:
     """``onnxruntime`` (CPU, or CUDA when onnxruntime-gpu is installed; None picks what is
-    installed) or ``tensorrt`` (the artifact's engines, see feather_export.tensorrt.build)."""
+    installed; fp32 on the CPU, so tokens equal the reference), ``auto`` (the fastest measured
+    path here: ONNX Runtime on CUDA where there is one, else OpenVINO bf16 where it is installed
+    and the CPU has bf16 units, else ONNX Runtime CPU), ``openvino`` (CPU plugin; ``-bf16``/``-f32`` fix the inference precision, plain
+    ``openvino`` takes bf16 where the CPU has bf16 units) or ``tensorrt`` (the artifact's engines, see feather_export.tensorrt.build)."""
     from .onnxruntime import OnnxRuntimeBackend
 
-    if name in (None, "auto", "onnxruntime", "ort"):
+    if name == "auto":
+        return _fastest()
+    if name in (None, "onnxruntime", "ort"):
         return OnnxRuntimeBackend()
     if name in ("onnxruntime-cpu", "cpu"):
         return OnnxRuntimeBackend(device="cpu")
     if name in ("onnxruntime-cuda", "cuda"):
         return OnnxRuntimeBackend(device="cuda")
+    if name in ("openvino", "openvino-cpu", "openvino-bf16", "openvino-f32"):
+        from .openvino import OpenVinoBackend
+
+        precision = {"openvino-bf16": "bf16", "openvino-f32": "f32"}.get(name)
+        return OpenVinoBackend(precision)   # default: bf16 where the CPU has bf16 units
     if name == "tensorrt":
         from .tensorrt import TensorRTBackend
 
         return TensorRTBackend()     # engines from <artifact>/engines/engines.json; plugin via
                                      # $FEATHER_PLUGIN_LIBRARY or the path recorded at build time
     raise FeatherError(f"unknown backend {name!r}; choose onnxruntime, onnxruntime-cpu, "
-                       "onnxruntime-cuda, tensorrt")
+                       "onnxruntime-cuda, openvino, openvino-bf16, openvino-f32, auto, tensorrt")
+
+
+def _fastest() -> Backend:
+    """``auto``: on a CPU with bf16 units, OpenVINO's bf16 prefill measured 2.3x ONNX Runtime's
+    fp32 (benchmarks/cpu_openvino.py); elsewhere ONNX Runtime."""
+    import onnxruntime as ort
+
+    from .onnxruntime import OnnxRuntimeBackend
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return OnnxRuntimeBackend(device="cuda")
+    try:
+        from .openvino import OpenVinoBackend, default_precision
+    except ImportError:
+        return OnnxRuntimeBackend(device="cpu")
+    try:
+        precision = default_precision()
+    except ImportError:          # openvino itself is not installed
+        return OnnxRuntimeBackend(device="cpu")
+    return OpenVinoBackend("bf16") if precision == "bf16" else OnnxRuntimeBackend(device="cpu")
