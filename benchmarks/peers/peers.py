@@ -14,7 +14,8 @@ recorded with every run.
     python benchmarks/peers/peers.py                       # ~30-40 min on 2 busy cores
     python benchmarks/peers/peers.py --engines ours-none,torch-sdpa --rounds 2
 
-Engines: ours-none, ours-feather144 (feather_runtime, ONNX Runtime CPU), torch-sdpa, ov-fp32
+Engines: ours-none, ours-feather144 (feather_runtime, ONNX Runtime CPU; append +BACKEND for another
+feather_runtime backend, e.g. ours-feather144+openvino-bf16), torch-sdpa, ov-fp32
 (OpenVINO GenAI, fp32 forced: INFERENCE_PRECISION_HINT=f32, KV_CACHE_PRECISION=f32), ov-default
 (OpenVINO's own defaults for this CPU), ov-bf16 (bf16 asked for: INFERENCE_PRECISION_HINT=bf16). Writes peers.json (every sample, machine, limits), table.md,
 peers.png and COMMAND.txt to --results; the last line printed is one JSON object with the medians.
@@ -211,7 +212,9 @@ def engine_command(name: str, paths: dict, args) -> tuple[list[str], str]:
     prompt = PROMPT
     if name.startswith("ours-"):
         cfg = dict(e.split("=", 1) for e in args.ours_config)
-        py, kind, path, props = sys.executable, "ours", paths[name[5:]], {**threads, "session_config": cfg}
+        key, _, backend = name[5:].partition("+")          # ours-none+openvino-bf16
+        py, kind, path = sys.executable, "ours", paths[key]
+        props = {**threads, "session_config": cfg, **({"backend": backend} if backend else {})}
     elif name == "torch-sdpa":
         py, kind, path, props = sys.executable, "torch", paths["hf"], threads
     elif name.startswith("ov-"):
@@ -359,10 +362,11 @@ def main(argv=None) -> int:
     work, results = Path(args.work), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    need_ours = tuple(e[5:] for e in engines if e.startswith("ours-"))
+    need_ours = tuple(dict.fromkeys(e[5:].partition("+")[0] for e in engines
+                                    if e.startswith("ours-")))
     paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python, args.model, need_ours)
     for e in engines:
-        if e.startswith("ours-") and e[5:] not in paths:
+        if e.startswith("ours-") and e[5:].partition("+")[0] not in paths:
             say(f"peers: unknown engine {e!r} (ours-none, ours-feather{args.budget})")
             return 2
     machine = {**cpu_flags(), "loadavg_at_start": loadavg()}

@@ -14,7 +14,7 @@ py="$venv/bin/python"
 "$py" -m pip install -q torch==2.13.0
 "$py" -m pip install -q "transformers>=4.45,<5.6" "openvino==2026.4.1" "openvino-tokenizers==2026.4.1.0" \
     "openvino-genai==2026.4.1.0" "nncf==3.4.0" "optimum==2.3.0" safetensors sentencepiece \
-    tokenizers pillow numpy psutil
+    tokenizers pillow numpy psutil requests
 # optimum-intel without dependencies: its requirements name torchvision (no CPU build here)
 "$py" -m pip install -q --no-deps "optimum-intel==2.2.0"
 "$py" - <<'PY'

@@ -32,15 +32,24 @@ def peak_rss_gib() -> float:
 
 
 class Ours:
-    """feather_runtime Pipeline on ONNX Runtime CPU (the same calls as ``feather-export run``)."""
+    """feather_runtime Pipeline (the same calls as ``feather-export run``): ONNX Runtime CPU, or
+    the backend named in ``props["backend"]``."""
 
     def __init__(self, path, image, prompt, new_tokens, props):
         from feather_runtime import Pipeline
         from feather_runtime.backends.onnxruntime import OnnxRuntimeBackend
         from feather_runtime.manifest import load_manifest
 
-        backend = OnnxRuntimeBackend(device="cpu", threads=props.get("threads"),
-                                     session_config=tuple(props.get("session_config", {}).items()))
+        if props.get("backend"):          # e.g. openvino-bf16 (feather_runtime.backends)
+            from feather_runtime.backends import get_backend
+
+            backend = get_backend(props["backend"])
+            if props.get("threads"):
+                backend.threads = props["threads"]
+        else:
+            backend = OnnxRuntimeBackend(device="cpu", threads=props.get("threads"),
+                                         session_config=tuple(props.get("session_config",
+                                                                        {}).items()))
         manifest = load_manifest(path, verify=False)
         runners = {s.name: backend.load(manifest.root, s) for s in manifest.segments}
         self.pipe = Pipeline(manifest, backend, runners)
