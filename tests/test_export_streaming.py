@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from feather_export.errors import FeatherError
@@ -32,8 +31,6 @@ def _save_checkpoint(model, out: Path, *, dtype: str, legacy: bool, shards: int)
     """A checkpoint directory as published llava-hf ones are: weights in ``dtype``, optionally
     in the older key layout (``language_model.model.*``), split into ``shards`` files with an
     index; tokenizer and preprocessor from the tiny model's own directory."""
-    import shutil
-
     import torch
     from safetensors.torch import save_file
 
@@ -267,7 +264,7 @@ def test_peak_memory_of_a_streamed_export_stays_far_below_the_model(tmp_path):
     parameters, 1.7 GB in fp32) exported in a fresh process: peak RSS grows by far less than the
     model (one converted tensor at a time), measured by the kernel (VmHWM)."""
     script = textwrap.dedent(f"""
-        import json, resource, sys
+        import json, math, resource, sys
         from pathlib import Path
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
         from feather_export.export.artifact import ExportOptions, check_export, export_model
@@ -290,7 +287,7 @@ def test_peak_memory_of_a_streamed_export_stays_far_below_the_model(tmp_path):
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=498,
                              image_seq_length=576, vision_feature_layer=-2)
         w = ShapeWeights("mid", config, 1, 0.02)
-        params = sum(w.nbytes(n, 4) for n in w.names())
+        params = sum(4 * math.prod(w.shape(n)) for n in w.names())
         options = ExportOptions(method="feather", budget=144, dtype="fp32")
         out = Path(sys.argv[1])
         cfg = check_export(options, geometry_of(config), out)

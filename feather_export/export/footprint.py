@@ -8,6 +8,7 @@ initializer), quantized linears at their code size plus scales. No weight is rea
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -34,7 +35,7 @@ def estimated_bytes(w, options) -> int:
     for name in names:
         if not w.has(name):
             continue
-        numel = _numel(w.shape(name))
+        numel = math.prod(w.shape(name))
         if name.startswith(tower + "."):
             layer = _LAYER.search(name)
             if (layer and int(layer.group(1)) >= run_layers) or not (
@@ -48,13 +49,6 @@ def estimated_bytes(w, options) -> int:
                     else options.weights if _DECODER_LINEAR.search(name) else "float")
             total += _quantized(numel, w.shape(name), kind, options.block_size, et)
     return int(total)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _quantized(numel: int, shape, kind: str, block: int, et: int) -> float:

@@ -27,10 +27,6 @@ class LazyLlava:
         self.model.generation_config.eos_token_id = list(w.eos_token_ids) or None
         self.model.eval()
 
-    @property
-    def config(self):
-        return self.model.config
-
     @contextmanager
     def vision(self):
         """The vision tower and projector (and NeXT's ``image_newline``), real for the ``with``

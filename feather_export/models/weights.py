@@ -48,8 +48,6 @@ _SAFETENSORS_DTYPES = {"F32": ("float32", "float32"), "F16": ("float16", "float1
                        "BF16": ("uint16", "bfloat16"), "F64": ("float64", "float64"),
                        "I64": ("int64", "int64"), "I32": ("int32", "int32"),
                        "I8": ("int8", "int8"), "U8": ("uint8", "uint8"), "BOOL": ("bool", "bool")}
-_ITEM_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4,
-               "int8": 1, "uint8": 1, "bool": 1}
 
 
 def canonical_name(key: str) -> str:
@@ -105,9 +103,6 @@ class Weights:
         nested = "model.vision_tower.vision_model"
         return nested if self.has(f"{nested}.embeddings.patch_embedding.weight") \
             else "model.vision_tower"
-
-    def nbytes(self, name: str, itemsize: int) -> int:
-        return int(np.prod(self.shape(name), dtype=np.int64)) * itemsize
 
 
 class TensorWeights(Weights):
@@ -265,7 +260,3 @@ def fill_model(model, weights: Weights) -> None:
         for name, tensor in model.state_dict(keep_vars=True).items():
             if weights.has(name):
                 tensor.copy_(weights.get(name))
-
-
-def dtype_size(torch_dtype_name: str) -> int:
-    return _ITEM_SIZES[torch_dtype_name]

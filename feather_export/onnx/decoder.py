@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from feather_export.errors import FeatherError
 from feather_export.models.family import rope_inv_freq, text_spec
 from feather_export.models.weights import EMBED, TEXT
 from feather_export.onnx.graph import OPSET, QUANT_OPSET, GraphBuilder

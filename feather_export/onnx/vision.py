@@ -38,13 +38,7 @@ def build_vision(w, et: int, store=None, on_layer=None):
     else:                                       # attention received: mean over heads, queries
         scores = g.op("ReduceMean", probs, axes=[0, 1, 2, 3], keepdims=0)
     scores = g.op("Reshape", scores, g.const([count]))
-    picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + count]), g.const([1]))
-              for f in spec.feature_layers]
-    features = picked[0] if len(picked) == 1 else g.op("Concat", *picked, axis=-1)
-    act = getattr(w.config, "projector_hidden_act", "gelu")
-    y = activation(g, linear(g, features, w, f"{PROJECTOR}.linear_1", "projector.linear_1", et),
-                   act, et)
-    y = linear(g, y, w, f"{PROJECTOR}.linear_2", "projector.linear_2", et)
+    y = project_features(g, w, spec, hidden_states, first, count, et)
     g.output(y, "image_features", et, [1, count, w.config.text_config.hidden_size])
     g.output(scores, "cls_scores", F32, [count])
     return g.model()
@@ -104,3 +98,15 @@ def tower_hidden_states(g: GraphBuilder, w, pixels: str, batch: int, et: int, on
         if on_layer:
             on_layer(i)
     return hidden_states, probs
+
+
+def project_features(g, w, spec, hidden_states: dict, first: int, count: int, et: int) -> str:
+    """Rows [first, first + count) of each feature layer's hidden states, concatenated along
+    the width as transformers does, through the projector (linear, activation, linear)."""
+    picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + count]),
+                   g.const([1])) for f in spec.feature_layers]
+    features = picked[0] if len(picked) == 1 else g.op("Concat", *picked, axis=-1)
+    act = getattr(w.config, "projector_hidden_act", "gelu")
+    y = activation(g, linear(g, features, w, f"{PROJECTOR}.linear_1", "projector.linear_1", et),
+                   act, et)
+    return linear(g, y, w, f"{PROJECTOR}.linear_2", "projector.linear_2", et)

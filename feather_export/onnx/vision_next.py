@@ -17,10 +17,10 @@ import numpy as np
 
 from feather_export.models.family import vision_spec
 from feather_export.models.geometry import ModelGeometry
-from feather_export.models.weights import NEWLINE, PROJECTOR
+from feather_export.models.weights import NEWLINE
 from feather_export.onnx.graph import GraphBuilder
-from feather_export.onnx.layers import F32, activation, linear
-from feather_export.onnx.vision import tower_hidden_states
+from feather_export.onnx.layers import F32
+from feather_export.onnx.vision import project_features, tower_hidden_states
 
 
 def sequence_sources(geo: ModelGeometry) -> np.ndarray:
@@ -54,13 +54,7 @@ def build_next_vision(w, geo: ModelGeometry, et: int, store=None, on_layer=None)
     scores = g.op("Reshape", g.op("ReduceMean", cols, axes=[1], keepdims=0), g.const([-1]))
     scores = g.op("Concat", scores, g.const(np.zeros(1, np.float32), np.float32), axis=0)
     scores = g.op("Gather", scores, source, axis=0)                       # [N], newlines 0
-    picked = [g.op("Slice", hidden_states[f], g.const([first]), g.const([first + per]), g.const([1]))
-              for f in spec.feature_layers]
-    features = picked[0] if len(picked) == 1 else g.op("Concat", *picked, axis=-1)
-    act = getattr(w.config, "projector_hidden_act", "gelu")
-    y = activation(g, linear(g, features, w, f"{PROJECTOR}.linear_1", "projector.linear_1", et),
-                   act, et)
-    y = linear(g, y, w, f"{PROJECTOR}.linear_2", "projector.linear_2", et)     # [C, per, d]
+    y = project_features(g, w, spec, hidden_states, first, per, et)          # [C, per, d]
     newline = g.weight("image_newline", w.get(NEWLINE).reshape(1, d), et)
     rows = g.op("Concat", g.op("Reshape", y, g.const([crops * per, d])), newline, axis=0)
     y = g.op("Unsqueeze", g.op("Gather", rows, source, axis=0), g.const([0]))

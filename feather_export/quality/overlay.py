@@ -118,7 +118,7 @@ def draw_overlay(image, kept_per_stage, grid_side: int, out_png: str | os.PathLi
     ``image``: a path, PIL image or uint8 array; non-square images are framed like the CLIP
     preprocessor (shortest edge, centre crop) at ``image_size`` (default: the short side).
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     stages = _check(kept_per_stage, grid_side, raster_offset)
     view = square_view(image, image_size)
@@ -132,6 +132,13 @@ def draw_overlay(image, kept_per_stage, grid_side: int, out_png: str | os.PathLi
                       (255, 255, 255))
     for i, panel in enumerate(panels):
         sheet.paste(panel, (i * (PANEL + 4), head))
+    return _save_sheet(sheet, title, out_png)
+
+
+def _save_sheet(sheet, title: str | None, out_png) -> Path:
+    """Write the panel sheet (with its title line) as a PNG."""
+    from PIL import ImageDraw
+
     if title:
         ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0))
     out = Path(out_png)
@@ -155,7 +162,7 @@ def draw_raster_overlay(views, kept_per_stage, rasters, out_png: str | os.PathLi
     """Several rasters (LLaVA-NeXT: the base image and the high-resolution stitched view): one row
     of panels per raster, ``views[i]`` (a PIL image) under raster ``rasters[i]`` = [start, rows,
     cols, pitch]; the input first, then each stage's kept patches on that raster."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     names = ("base image", "high-resolution view")
     rows_of_panels = []
@@ -177,13 +184,7 @@ def draw_raster_overlay(views, kept_per_stage, rasters, out_png: str | os.PathLi
         for panel in row:
             sheet.paste(panel, (x, head + r * (PANEL + _LABEL_H + 4)))
             x += panel.width + 4
-    if title:
-        ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0))
-    out = Path(out_png)
-    if out.parent and not out.parent.exists():
-        raise FeatherError(f"cannot write {out}: the directory {out.parent} does not exist")
-    sheet.save(out, format="PNG")
-    return out
+    return _save_sheet(sheet, title, out_png)
 
 
 def draw_pipeline_overlay(pipe, image, result, out_png: str | os.PathLike, title: str | None = None) -> Path:
