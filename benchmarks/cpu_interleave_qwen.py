@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import shlex
 import shutil
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +46,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import numpy as np
 
-    from feather_export.bench.perf_model import (cpu_model_name, prefill_costs, shape_from_config,
-                                                 total)
+    from feather_export.bench.perf_model import prefill_costs, shape_from_config, total
     from feather_export.export.artifact import ExportOptions
     from feather_export.export.shapes import export_shape_artifacts
-    from feather_export.methods.config import PruneConfig
     from feather_export.models.shapes import shape_llava_config
     from feather_export.models.tokenizer import build_tiny_tokenizer
-    from feather_runtime import Pipeline
     from feather_runtime.prompt import PromptBuilder
+    from prefill_rounds import measure_prefills, run_fields
 
     args = parse_args(argv)
     work, results = Path(args.work), Path(args.results)
@@ -78,23 +73,11 @@ def main(argv=None) -> int:
         ids = PromptBuilder(build_tiny_tokenizer()).build(prompt, n)
         size = config.vision_config.image_size
         pixels = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-        times: dict[str, list[float]] = {"none": [], "feather": []}
-        kept = None
-        for r in range(args.rounds):
-            for label, (path, _) in zip(times, jobs):
-                pipe = Pipeline.load(path)
-                pipe.generate_ids(pixels, ids, max_new_tokens=1)            # warm-up
-                for _ in range(args.repeats):
-                    t = time.perf_counter()
-                    res = pipe.generate_ids(pixels, ids, max_new_tokens=1)
-                    times[label].append(time.perf_counter() - t)
-                if label == "feather":
-                    kept = [len(k) for k in res.kept]
-                    prune = PruneConfig.from_dict(pipe.manifest["prune"])
-                pipe.close()
-                del pipe
-                gc.collect()
-                say(f"round {r + 1}: {label} median {statistics.median(times[label]):.3f} s")
+        measured = measure_prefills({label: path for label, (path, _) in
+                                     zip(("none", "feather"), jobs)},
+                                    pixels, ids, args.rounds, args.repeats, say)
+        times = {label: m["ttft"] for label, m in measured.items()}
+        kept, prune = measured["feather"]["kept"], measured["feather"]["prune"]
         shape = shape_from_config(config)
         text_tokens = int(ids.shape[1]) - n
         flops = {"none": total(prefill_costs(shape, None, text_tokens, "fp32")).flops,
@@ -111,14 +94,8 @@ def main(argv=None) -> int:
             "measured_over_predicted": (med["none"] / med["feather"])
             / (flops["none"] / flops["feather"]),
             "method": f"one artifact loaded at a time; {args.rounds} alternating rounds of 1 "
-                      f"warm-up + {args.repeats} timed prefills each",
-            "machine": {"cpu": cpu_model_name(), "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "note": args.note,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python benchmarks/cpu_interleave_qwen.py "
-                       + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "wall_s": {"export": export_s, "total": time.perf_counter() - started},
+                      f"warm-up + {args.repeats} timed prefills each; TTFT from Pipeline timings",
+            **run_fields("cpu_interleave_qwen.py", argv, args.note, export_s, started),
         }
         (results / "ttft.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:

@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import shlex
 import shutil
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,16 +48,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import numpy as np
 
-    from feather_export.bench.perf_model import (cpu_model_name, prefill_costs, shape_from_config,
-                                                 total)
+    from feather_export.bench.perf_model import prefill_costs, shape_from_config, total
     from feather_export.export.artifact import ExportOptions
     from feather_export.export.shapes import export_shape_artifacts
-    from feather_export.methods.config import PruneConfig
     from feather_export.models.geometry import geometry_of
     from feather_export.models.shapes import shape_llava_config
     from feather_export.models.tokenizer import build_tiny_tokenizer
-    from feather_runtime import Pipeline
     from feather_runtime.prompt import PromptBuilder
+    from prefill_rounds import measure_prefills, run_fields
 
     args = parse_args(argv)
     work, results = Path(args.work), Path(args.results)
@@ -82,23 +77,12 @@ def main(argv=None) -> int:
         crop = config.vision_config.image_size
         pixels = np.random.default_rng(0).standard_normal((1, len(geo.crops()), 3, crop, crop),
                                                           dtype=np.float32)
-        ttft = {label: [] for label, _, _ in CONFIGS}
-        selection = {label: [] for label, _, _ in CONFIGS}
-        kept, prunes = {}, {}
-        for r in range(args.rounds):
-            for (label, _, _), (path, _) in zip(CONFIGS, jobs):
-                pipe = Pipeline.load(path)
-                pipe.generate_ids(pixels, ids, max_new_tokens=1)            # warm-up
-                for _ in range(args.repeats):
-                    res = pipe.generate_ids(pixels, ids, max_new_tokens=1)
-                    ttft[label].append(res.timings["ttft"])
-                    selection[label].append(res.timings.get("selection", 0.0))
-                kept[label] = [len(k) for k in res.kept]
-                prunes[label] = PruneConfig.from_dict(pipe.manifest["prune"])
-                pipe.close()
-                del pipe
-                gc.collect()
-                say(f"round {r + 1}: {label} TTFT median {statistics.median(ttft[label]):.2f} s")
+        measured = measure_prefills({label: path for (label, _, _), (path, _) in zip(CONFIGS, jobs)},
+                                    pixels, ids, args.rounds, args.repeats, say)
+        ttft = {label: m["ttft"] for label, m in measured.items()}
+        selection = {label: m["selection"] for label, m in measured.items()}
+        kept = {label: m["kept"] for label, m in measured.items()}
+        prunes = {label: m["prune"] for label, m in measured.items()}
         shape = shape_from_config(config)
         text_tokens = int(ids.shape[1]) - n
         rows = {}
@@ -127,13 +111,7 @@ def main(argv=None) -> int:
             "method": f"one artifact loaded at a time; {args.rounds} rounds over all configs of 1 "
                       f"warm-up + {args.repeats} timed prefills each; TTFT and selection from "
                       "Pipeline timings",
-            "machine": {"cpu": cpu_model_name(), "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "note": args.note,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python benchmarks/cpu_next.py "
-                       + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "wall_s": {"export": export_s, "total": time.perf_counter() - started},
+            **run_fields("cpu_next.py", argv, args.note, export_s, started),
         }
         (results / "ttft.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
