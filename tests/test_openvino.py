@@ -87,3 +87,79 @@ def test_auto_picks_openvino_bf16_only_where_the_cpu_has_bf16_units():
     expected = "openvino-bf16-cpu" if default_precision() == "bf16" else "onnxruntime-cpu"
     assert backend.name == expected
     backend.close()
+
+
+def test_bf16_keeps_the_kv_cache_in_bfloat16_and_fastv_scores_from_it(tmp_path):
+    """At bf16 the decoder spans take and give their KV cache in bfloat16 (no fp32 copy of the
+    cache is converted per step); FastV's select segment (ONNX Runtime, fp32) scores with
+    ``present.{i}.key`` converted back from bf16: its kept indices equal running the select on
+    the same bf16 keys given as fp32."""
+    import ml_dtypes
+    import numpy as np
+    from PIL import Image
+
+    from feather_runtime.device import HostMemory
+    from feather_runtime.manifest import load_manifest
+
+    path = export("tiny", tmp_path / "fastv", ExportOptions(method="fastv", budget=9),
+                  progress=lambda m: None)
+    name = next(s.name for s in load_manifest(path).segments if s.kind == "select")
+    pipe = Pipeline.load(path, backend="openvino-bf16")
+    seen = {}
+
+    class Record:                    # keeps a copy of what the Pipeline feeds the select segment
+        def __init__(self, runner):
+            self.runner, self.name = runner, runner.name
+
+        def run_device(self, inputs):
+            seen.update({n: pipe.memory.download(t) for n, t in inputs.items()})
+            return self.runner.run_device(inputs)
+
+    try:
+        assert pipe.kv_dtype == np.dtype(ml_dtypes.bfloat16)
+        assert {t.dtype for s in pipe.steps for t in s.cache.keys.values()} == {pipe.kv_dtype}
+        select = pipe.runners[name]
+        pipe.runners[name] = Record(select)
+        result = pipe.generate(image=Image.new("RGB", (90, 60), (200, 40, 30)),
+                               prompt="What is red?", max_new_tokens=4, ignore_eos=True)
+        assert len(result.token_ids) == 4 and len(result.kept[0]) == 9
+    finally:
+        pipe.close()
+    keys = [n for n, a in seen.items() if a.dtype == np.dtype(ml_dtypes.bfloat16)]
+    assert keys and all(n.startswith("present.") for n in keys)
+    memory = HostMemory()
+    kept = []
+    for as_float in (False, True):
+        feeds = {n: a.astype(np.float32) if as_float and n in keys else a for n, a in seen.items()}
+        kept.append(memory.download(select.run_device({n: memory.upload(a)
+                                                       for n, a in feeds.items()})["kept"]))
+    assert np.array_equal(kept[0], kept[1])
+    assert kept[0].tolist() == result.kept[0]
+
+
+def test_bf16_runner_takes_float_arrays_on_its_bf16_cache_ports(tmp_path):
+    """``run`` (validation, sweeps) with the artifact's fp32 arrays on the bf16 KV ports: they
+    are converted, and bf16 outputs come back as float32 close to the f32 backend's."""
+    import numpy as np
+
+    from feather_runtime.backends.openvino import OpenVinoBackend
+    from feather_runtime.manifest import load_manifest
+
+    path = export("tiny", tmp_path / "none", ExportOptions(method="none"), progress=lambda m: None)
+    manifest = load_manifest(path)
+    seg = next(s for s in manifest.segments if s.kind == "decoder")
+    rng = np.random.default_rng(0)
+    feeds = {"position_ids": np.asarray([[12]], np.int64), "past_length": np.asarray(12, np.int64)}
+    for spec in seg.inputs:
+        shape = [1 if d == "seq" else 16 if d == "capacity" else d for d in spec["shape"]]
+        if spec["dtype"] == "float32":
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+    outs = {}
+    for precision in ("bf16", "f32"):
+        backend = OpenVinoBackend(precision)
+        outs[precision] = backend.load(manifest.root, seg).run(feeds)
+        backend.close()
+    for name, ref in outs["f32"].items():
+        got = outs["bf16"][name]
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.allclose(got, ref, rtol=0.05, atol=0.05 * float(np.abs(ref).max())), name

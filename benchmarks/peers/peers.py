@@ -14,10 +14,12 @@ recorded with every run.
     python benchmarks/peers/peers.py                       # ~30-40 min on 2 busy cores
     python benchmarks/peers/peers.py --engines ours-none,torch-sdpa --rounds 2
 
-Engines: ours-none, ours-feather144 (feather_runtime, ONNX Runtime CPU; append +BACKEND for another
-feather_runtime backend, e.g. ours-feather144+openvino-bf16), torch-sdpa, ov-fp32
-(OpenVINO GenAI, fp32 forced: INFERENCE_PRECISION_HINT=f32, KV_CACHE_PRECISION=f32), ov-default
-(OpenVINO's own defaults for this CPU), ov-bf16 (bf16 asked for: INFERENCE_PRECISION_HINT=bf16). Writes peers.json (every sample, machine, limits), table.md,
+Engines: ours-none, ours-feather144 (feather_runtime, ONNX Runtime CPU; append -int8 for the
+artifact with int8 decoder and lm_head weights, +BACKEND for another feather_runtime backend, e.g.
+ours-feather144-int8+openvino-bf16), torch-sdpa, ov-fp32 (OpenVINO GenAI, fp32 forced:
+INFERENCE_PRECISION_HINT=f32, KV_CACHE_PRECISION=f32), ov-default (OpenVINO's own defaults for this
+CPU), ov-bf16 (bf16 asked for: INFERENCE_PRECISION_HINT=bf16), ov-int8 (optimum-intel's int8 weight
+export, OpenVINO's defaults). Writes peers.json (every sample, machine, limits), table.md,
 peers.png and COMMAND.txt to --results; the last line printed is one JSON object with the medians.
 Installs nothing.
 """
@@ -78,7 +80,7 @@ def prepare(work: Path, budget: int, new_tokens: int, need_ov: list[str], ov_pyt
     from feather_export.models.checkpoint import BUILTIN_CHECKPOINTS
 
     if model_name not in BUILTIN_CHECKPOINTS and not Path(model_name).is_dir():
-        return _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name)
+        return _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name, need_ours)
     src = BUILTIN_CHECKPOINTS.get(model_name, Path(model_name))
     paths = _prepare_checkpoint(work, src, budget, new_tokens, need_ours)
     return _prepare_ov(paths, work, need_ov, ov_python)
@@ -94,32 +96,52 @@ def _write_image(path: Path, size: int = 336) -> None:
     Image.fromarray(rgb).save(path)
 
 
-def _prepare_checkpoint(work: Path, src: Path, budget: int, new_tokens: int, need_ours=None) -> dict:
-    from feather_export.export.artifact import ExportOptions, export
+def artifact_options(key: str, budget: int, new_tokens: int):
+    """Export options for one of our artifacts: ``none`` / ``feather<budget>``, and the same with
+    ``-int8`` (decoder linear layers and lm_head as int8 weights, per output channel)."""
+    from feather_export.export.artifact import ExportOptions
 
-    paths = {"hf": src, "none": work / "none", f"feather{budget}": work / f"feather{budget}",
-             "image": work / "image.png"}
+    base, _, suffix = key.partition("-")
+    if base == "none":
+        method = {"method": "none"}
+    elif base == f"feather{budget}":
+        method = {"method": "feather", "budget": budget}
+    else:
+        return None
+    if suffix not in ("", "int8"):
+        return None
+    quant = {"weights": "int8", "lm_head_weights": "int8"} if suffix else {}
+    return ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens, **method, **quant)
+
+
+def _our_artifacts(work: Path, budget: int, need_ours) -> dict:
+    keys = need_ours if need_ours is not None else ("none", f"feather{budget}")
+    return {k: work / k for k in keys}
+
+
+def _prepare_checkpoint(work: Path, src: Path, budget: int, new_tokens: int, need_ours=None) -> dict:
+    from feather_export.export.artifact import export
+
+    ours = _our_artifacts(work, budget, need_ours)
+    paths = {"hf": src, **ours, "image": work / "image.png"}
     if not paths["image"].is_file():
         config = json.loads((src / "config.json").read_text())
         _write_image(paths["image"], config["vision_config"]["image_size"])
-    for key, extra in (("none", {"method": "none"}),
-                       (f"feather{budget}", {"method": "feather", "budget": budget})):
-        if need_ours is not None and key not in need_ours:
-            continue
-        if not (paths[key] / "feather.json").is_file():
-            export(str(src), paths[key], ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens,
-                                                       **extra), progress=say)
+    for key, path in ours.items():
+        options = artifact_options(key, budget, new_tokens)
+        if options is not None and not (path / "feather.json").is_file():
+            export(str(src), path, options, progress=say)
     return paths
 
 
-def _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name):
-    hf, paths = work / "hf", {"hf": work / "hf", "none": work / "none",
-                              f"feather{budget}": work / f"feather{budget}", "image": work / "image.png"}
+def _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name, need_ours=None):
+    ours = _our_artifacts(work, budget, need_ours)
+    hf, paths = work / "hf", {"hf": work / "hf", **ours, "image": work / "image.png"}
     if not paths["image"].is_file():
         _write_image(paths["image"])
-    todo = [k for k in ("none", f"feather{budget}") if not (paths[k] / "feather.json").is_file()]
+    todo = [k for k, path in ours.items() if not (path / "feather.json").is_file()
+            and artifact_options(k, budget, new_tokens) is not None]
     if todo or not (hf / "config.json").is_file():
-        from feather_export.export.artifact import ExportOptions
         from feather_export.export.shapes import export_shape_artifacts
         from feather_export.models.shapes import build_shape_model, shape_spec
         from feather_export.models.tokenizer import save_tiny_tokenizer
@@ -131,11 +153,7 @@ def _prepare_shape(work, budget, new_tokens, need_ov, ov_python, model_name):
             model.save_pretrained(hf, safe_serialization=True)
             save_tiny_tokenizer(hf)
             write_preprocessor_config(hf, shape_spec(model_name).image_size)
-        jobs = []
-        for k in todo:
-            extra = {} if k == "none" else {"method": "feather", "budget": budget}
-            jobs.append((paths[k], ExportOptions(max_text_tokens=64, max_new_tokens=new_tokens,
-                                                 **({"method": "none"} | extra))))
+        jobs = [(paths[k], artifact_options(k, budget, new_tokens)) for k in todo]
         del model                # the export streams the same weights tensor by tensor
         gc.collect()
         if jobs:
@@ -364,11 +382,13 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     need_ours = tuple(dict.fromkeys(e[5:].partition("+")[0] for e in engines
                                     if e.startswith("ours-")))
-    paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python, args.model, need_ours)
     for e in engines:
-        if e.startswith("ours-") and e[5:].partition("+")[0] not in paths:
-            say(f"peers: unknown engine {e!r} (ours-none, ours-feather{args.budget})")
+        key = e[5:].partition("+")[0]
+        if e.startswith("ours-") and artifact_options(key, args.budget, args.new_tokens) is None:
+            say(f"peers: unknown engine {e!r} (ours-none, ours-feather{args.budget}, with -int8, "
+                "+BACKEND)")
             return 2
+    paths = prepare(work, args.budget, args.new_tokens, need_ov, args.ov_python, args.model, need_ours)
     machine = {**cpu_flags(), "loadavg_at_start": loadavg()}
     say("measuring the machine's limits")
     machine["limits"] = machine_limits(args.threads)

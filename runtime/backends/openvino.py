@@ -7,8 +7,17 @@ stay in the artifact's dtype) or ``f32``. The ``select`` segments hold the ``fea
 which OpenVINO has no conversion: they run on ONNX Runtime CPU, in the same host memory, so the
 Pipeline chains every segment by pointer as on the other backends.
 
-Inputs are wrapped without a copy (``ov.Tensor(..., shared_memory=True)``) and outputs are the
-infer request's own buffers, valid until the runner runs again (the backend contract).
+At bf16 the KV caches are kept in bfloat16 (``kv_dtype``): the decoder spans take
+``past_key_values.*`` and give ``present.*`` in bf16, the precision their kernels compute them in, so
+a decode step reads the cache once instead of converting the whole fp32 buffers to bf16 first
+(measured on shape-llava-1b: 57 -> 47 ms per step; benchmarks/openvino_segments.py). A ``select``
+segment that scores with ``present.{i}.key`` (FastV, BTP) gets it converted back to the artifact's
+dtype.
+
+Inputs are wrapped without a copy (``ov.Tensor(..., shared_memory=True)``; bf16 as ``ml_dtypes``'
+bfloat16) and outputs are the infer request's own buffers, valid until the runner runs again (the
+backend contract). An input in another dtype than the compiled port's (e.g. fp32 arrays on a bf16
+cache port) is converted.
 """
 from __future__ import annotations
 
@@ -21,6 +30,13 @@ from ..device import HostMemory, Tensor
 from ..errors import FeatherError
 
 PRECISIONS = ("bf16", "f32")
+KV_PREFIXES = ("past_key_values.", "present.")
+
+
+def _bf16():
+    import ml_dtypes          # a dependency of onnx
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def default_precision() -> str:
@@ -31,9 +47,19 @@ def default_precision() -> str:
     return "bf16" if "BF16" in caps else "f32"
 
 
+def compile_config(precision: str, threads: int | None = None) -> dict:
+    """The CPU plugin's settings for one segment: inference precision, latency mode, threads."""
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 class OpenVinoBackend:
-    def __init__(self, precision: str | None = None, threads: int | None = None):
-        """``precision``: ``bf16``, ``f32`` or None (``default_precision()``)."""
+    def __init__(self, precision: str | None = None, threads: int | None = None,
+                 config: dict | None = None):
+        """``precision``: ``bf16``, ``f32`` or None (``default_precision()``); ``config``: more
+        CPU plugin properties (e.g. ``{"PERF_COUNT": True}`` for per-node profiles)."""
         try:
             import openvino as ov
         except ImportError:
@@ -48,6 +74,8 @@ class OpenVinoBackend:
         self.core = ov.Core()
         self.precision = precision
         self.threads = threads
+        self.config = dict(config or {})
+        self.kv_dtype = _bf16() if precision == "bf16" else None   # None: the artifact's dtype
         self.name = f"openvino-{precision}-cpu"
         self.memory = HostMemory()
         self._select = OnnxRuntimeBackend(device="cpu", threads=threads)
@@ -55,13 +83,15 @@ class OpenVinoBackend:
 
     def load(self, root, segment):
         if segment.kind == "select":
-            return self._select.load(root, segment)
-        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+            runner = self._select.load(root, segment)
+            return _FloatInputs(runner, segment) if self.kv_dtype is not None else runner
+        config = {**compile_config(self.precision, self.threads), **self.config}
         path = Path(root) / segment.file
         try:
-            compiled = self.core.compile_model(str(path), "CPU", config)
+            model = self.core.read_model(str(path))
+            if self.kv_dtype is not None and segment.kind == "decoder":
+                model = _kv_in_bf16(model)
+            compiled = self.core.compile_model(model, "CPU", config)
         except Exception as exc:  # noqa: BLE001 - a segment OpenVINO cannot take is an error here
             raise FeatherError(f"OpenVINO could not compile {path}: {exc}") from None
         return OpenVinoRunner(segment.name, compiled, self.memory,
@@ -69,6 +99,62 @@ class OpenVinoBackend:
 
     def close(self) -> None:
         self._select.close()
+
+
+def _kv_in_bf16(model):
+    """The span's KV-cache inputs and outputs as bf16 tensors (a conversion the CPU plugin folds
+    into its bf16 kernels)."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    for port in model.inputs:
+        if port.get_any_name().startswith(KV_PREFIXES):
+            ppp.input(port.get_any_name()).tensor().set_element_type(ov.Type.bf16)
+    for port in model.outputs:
+        if port.get_any_name().startswith(KV_PREFIXES):
+            ppp.output(port.get_any_name()).tensor().set_element_type(ov.Type.bf16)
+    return ppp.build()
+
+
+class _FloatInputs:
+    """A select segment on ONNX Runtime fed from a bf16 KV cache: bf16 inputs are converted to the
+    dtype the segment declares (FastV/BTP score with ``present.{i}.key``)."""
+
+    def __init__(self, runner, segment):
+        self.runner, self.name = runner, runner.name
+        self.dtypes = {i["name"]: np.dtype(i["dtype"]) for i in segment.inputs
+                       if i["dtype"] in ("float32", "float16")}
+
+    def run_device(self, inputs: dict) -> dict:
+        bf16 = _bf16()
+        converted = {}
+        for name, t in inputs.items():
+            if t.dtype == bf16 and self.dtypes.get(name) is not None:
+                a = _host_array(t).astype(self.dtypes[name])
+                t = Tensor(a.ctypes.data, a.shape, a.dtype, owner=a)
+            converted[name] = t
+        return self.runner.run_device(converted)
+
+    def run(self, feeds: dict) -> dict:
+        return self.runner.run(feeds)
+
+
+def _ov_tensor(array: np.ndarray, port_type):
+    """Wrap ``array`` for a port of element type ``port_type`` without a copy, converting it when
+    its dtype is another (bf16 travels as uint16 storage)."""
+    import openvino as ov
+
+    if not array.flags.c_contiguous:         # (np.ascontiguousarray would make a 0-d array 1-d)
+        array = array.copy()
+    if port_type == ov.Type.bf16:
+        if array.dtype != _bf16():
+            array = array.astype(_bf16())
+        return ov.Tensor(array.view(np.uint16), array.shape, ov.Type.bf16)
+    wanted = np.dtype(port_type.to_dtype())
+    if array.dtype != wanted:
+        array = array.astype(wanted)
+    return ov.Tensor(array, shared_memory=True)
 
 
 def _host_array(t: Tensor) -> np.ndarray:
@@ -88,23 +174,36 @@ class OpenVinoRunner:
         self.memory = memory
         self.request = compiled.create_infer_request()
         self.output_names = list(output_names)
+        self.input_types = {p.get_any_name(): p.get_element_type() for p in compiled.inputs}
+        for p in compiled.inputs:            # a port answers to every one of its names
+            for n in p.get_names():
+                self.input_types[n] = p.get_element_type()
 
-    def run(self, feeds: dict) -> dict:
-        """Host numpy in, host numpy out (copies)."""
-        self.request.infer({n: np.ascontiguousarray(a) for n, a in feeds.items()})
-        return {n: self.request.get_tensor(n).data.copy() for n in self.output_names}
-
-    def run_device(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _outputs(self) -> dict[str, np.ndarray]:
         import openvino as ov
 
+        out = {}
+        for name in self.output_names:
+            tensor = self.request.get_tensor(name)
+            data = tensor.data
+            if tensor.element_type == ov.Type.bf16:          # numpy shows it as float16 bits
+                data = data.view(_bf16())
+            out[name] = data
+        return out
+
+    def run(self, feeds: dict) -> dict:
+        """Host numpy in, host numpy out (copies; bf16 outputs as float32)."""
+        self.request.infer({n: _ov_tensor(np.asarray(a), self.input_types[n])
+                            for n, a in feeds.items()})
+        return {n: (a.astype(np.float32) if a.dtype == _bf16() else a.copy())
+                for n, a in self._outputs().items()}
+
+    def run_device(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         for name, t in inputs.items():
-            self.request.set_tensor(name, ov.Tensor(_host_array(t), shared_memory=True))
+            self.request.set_tensor(name, _ov_tensor(_host_array(t), self.input_types[name]))
         try:
             self.request.infer()
         except Exception as exc:  # noqa: BLE001 - shapes/dtypes the graph refuses
             raise FeatherError(f"{self.name}: OpenVINO failed: {exc}") from None
-        outputs = {}
-        for name in self.output_names:
-            data = self.request.get_tensor(name).data
-            outputs[name] = Tensor(data.ctypes.data, tuple(data.shape), data.dtype, owner=data)
-        return outputs
+        return {name: Tensor(data.ctypes.data, tuple(data.shape), data.dtype, owner=data)
+                for name, data in self._outputs().items()}
