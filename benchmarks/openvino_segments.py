@@ -17,7 +17,7 @@ difference is read per kind of work. GenAI's pipeline adds its own scheduling (p
 sampling) on top of these parts; its end-to-end TTFT is in benchmarks/peers.
 
     bash benchmarks/peers/setup_openvino.sh                  # once: the optimum-intel venv
-    python benchmarks/openvino_segments.py                   # shape-llava-1b, bf16, ~10 min
+    python benchmarks/openvino_segments.py                   # shape-llava-1b, bf16, ~5 min
     python benchmarks/openvino_segments.py --precision f32 --results benchmarks/results/openvino_segments_1b_f32
 
 The model, artifacts and IR are made by benchmarks/peers (kept in --work between runs).
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--precision", default="bf16", choices=["bf16", "f32"])
     p.add_argument("--repeats", type=int, default=3, help="measured runs per part (default: 3)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds, alternating which side runs first; medians over rounds "
+                        "(default: 2)")
     p.add_argument("--decode-steps", type=int, default=15, help="default: 15")
     p.add_argument("--threads", type=int, help="default: OpenVINO's own")
     p.add_argument("--ir", default="ov-fp32", choices=["ov-fp32", "ov-int8"],
@@ -232,33 +235,70 @@ def table(ours: dict, theirs: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def combine(rounds: list[dict]) -> dict:
+    """Medians over rounds: the wall times, and each node type's milliseconds per part."""
+    out = {k: rounds[0][k] for k in rounds[0] if k not in ("vision_s", "prefill_s",
+                                                          "decode_step_ms", "profile_ms")}
+    for key in ("vision_s", "prefill_s", "decode_step_ms"):
+        out[key] = median([r[key] for r in rounds])
+    out["profile_ms"] = {}
+    for part in rounds[0]["profile_ms"]:
+        types = {t for r in rounds for t in r["profile_ms"][part]}
+        medians = {t: round(statistics.median([r["profile_ms"][part].get(t, 0.0) for r in rounds]), 2)
+                   for t in types}
+        out["profile_ms"][part] = dict(sorted(medians.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import openvino as ov
     import peers
 
     paths = peers.prepare(args.work, 144, 16, [args.ir], args.ov_python,
                           need_ours=(args.artifact,))
+    pixels, tokens = _inputs(paths[args.artifact], paths["image"], peers.PROMPT)
+    sides = {"ours": lambda: measure_ours(paths[args.artifact], paths["image"], peers.PROMPT,
+                                          args.precision, args.threads, args.repeats,
+                                          args.decode_steps),
+             "theirs": lambda: measure_theirs(paths[args.ir], pixels, tokens, args.precision,
+                                              args.threads, args.repeats, args.decode_steps)}
+    runs = {"ours": [], "theirs": []}
     loadavg = [peers.loadavg()]
-    ours = measure_ours(paths[args.artifact], paths["image"], peers.PROMPT, args.precision,
-                        args.threads, args.repeats, args.decode_steps)
-    pixels = ours.pop("pixels")
-    gc.collect()
-    loadavg.append(peers.loadavg())
-    theirs = measure_theirs(paths[args.ir], pixels, ours["tokens"], args.precision, args.threads,
-                            args.repeats, args.decode_steps)
-    loadavg.append(peers.loadavg())
-    import openvino as ov
-
+    for rnd in range(args.rounds):               # alternate which side runs first
+        for side in (("ours", "theirs") if rnd % 2 == 0 else ("theirs", "ours")):
+            print(f"round {rnd + 1}/{args.rounds}: {side}", file=sys.stderr, flush=True)
+            result = sides[side]()
+            result.pop("pixels", None)
+            runs[side].append(result)
+            gc.collect()
+            loadavg.append(peers.loadavg())
+    ours, theirs = combine(runs["ours"]), combine(runs["theirs"])
     record = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]]),
               "precision": args.precision, "ir": args.ir, "artifact": args.artifact,
               "openvino": ov.__version__, "machine": peers.cpu_flags(), "loadavg": loadavg,
-              "note": args.note, "ours": ours, "theirs": theirs}
+              "note": args.note, "rounds": args.rounds, "ours": ours, "theirs": theirs,
+              "per_round": runs}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "segments.json").write_text(json.dumps(record, indent=1) + "\n")
     text = table(ours, theirs)
     (args.results / "table.md").write_text(text)
     print(text)
     return 0
+
+
+def _inputs(artifact: Path, image: Path, prompt: str):
+    """Our preprocessed pixels and the prompt's length (the same input for both sides), as
+    ``Pipeline.encode`` makes them."""
+    from feather_runtime.manifest import load_manifest
+    from feather_runtime.preprocess import load_image, preprocessor_for
+    from feather_runtime.prompt import PromptBuilder, PromptTemplate
+
+    manifest = load_manifest(artifact, verify=False)
+    pixels = preprocessor_for(manifest.root, manifest["model"].get("anyres"))(load_image(str(image)))
+    builder = PromptBuilder.from_dir(manifest.root / "tokenizer",
+                                     PromptTemplate.from_dict(manifest.data.get("prompt")))
+    return pixels, int(builder.build(prompt, manifest["model"]["num_image_tokens"]).shape[1])
 
 
 if __name__ == "__main__":

@@ -17,17 +17,20 @@ from .errors import FeatherError
 
 
 class SpanCache:
-    def __init__(self, memory, layers: range, capacity: int, kv_heads: int, head_dim: int, dtype):
+    def __init__(self, memory, layers: range, capacity: int, kv_heads: int, head_dim: int, dtype,
+                 value_dtype=None):
+        """``dtype``: the keys' (and values') dtype; ``value_dtype``: the values' when the backend
+        keeps them in another (OpenVINO at bf16)."""
         self.memory = memory
         self.layers = layers
         self.capacity = capacity
         self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (1, kv_heads, capacity, head_dim)
+        value_dtype = dtype if value_dtype is None else value_dtype
         self.keys = {i: memory.empty(shape, dtype) for i in layers}
-        self.values = {i: memory.empty(shape, dtype) for i in layers}
+        self.values = {i: memory.empty(shape, value_dtype) for i in layers}
         for t in (*self.keys.values(), *self.values.values()):
             memory.fill_zero(t)       # masked rows still flow through the MatMuls: keep them finite
-        self.row_bytes = head_dim * np.dtype(dtype).itemsize
         self._past_length = memory.empty((), np.int64)     # fixed address, value set per call
         self.length = 0
 
@@ -61,11 +64,14 @@ class SpanCache:
         if end > self.capacity:
             raise FeatherError(f"the KV cache holds {self.capacity} tokens; this request needs "
                                f"{end}. Build the artifact with larger --max-text-tokens/--max-new-tokens")
-        row, offset = self.row_bytes, self.length * self.row_bytes
         for i in self.layers:
             for cache, present in ((self.keys[i], outputs[f"present.{i}.key"]),
                                    (self.values[i], outputs[f"present.{i}.value"])):
+                if present.dtype != cache.dtype:
+                    raise FeatherError(f"present.{i}: {present.dtype}, the cache holds "
+                                       f"{cache.dtype}")
                 # head h: new rows of present[0, h] -> cache[0, h, length:end]
-                self.memory.copy_rows(cache.ptr + offset, self.capacity * row, present.ptr,
-                                      new * row, new * row, self.kv_heads)
+                row = self.head_dim * cache.dtype.itemsize
+                self.memory.copy_rows(cache.ptr + self.length * row, self.capacity * row,
+                                      present.ptr, new * row, new * row, self.kv_heads)
         self.length = end

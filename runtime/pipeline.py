@@ -70,9 +70,10 @@ class Pipeline:
         self.stages = manifest["prune"]["stages"]
         check_runnable(manifest)
         self.dtype = NUMPY_DTYPES[manifest["dtype"]]
-        # the KV caches' dtype: the artifact's, unless the backend keeps them in its own (OpenVINO
-        # at bf16 keeps bfloat16, the precision its kernels compute them in)
-        self.kv_dtype = getattr(backend, "kv_dtype", None) or self.dtype
+        # the KV caches' dtypes: the artifact's, unless the backend keeps one in its own (OpenVINO
+        # at bf16 keeps the values in bfloat16, the precision its kernels read them in)
+        self.key_dtype = self.dtype
+        self.value_dtype = getattr(backend, "value_cache_dtype", None) or self.dtype
         self.max_new_tokens_limit = int(manifest["max_new_tokens"])
         self.memory = backend.memory
         self.workspace = self._allocate_workspace()
@@ -127,7 +128,8 @@ class Pipeline:
             nxt = segments[i + 1] if i + 1 < len(segments) else None
             select = nxt.name if nxt is not None and nxt.kind == "select" else None
             cache = SpanCache(self.memory, range(*seg.layers), limit + num_image,
-                              m["num_key_value_heads"], m["head_dim"], self.kv_dtype)
+                              m["num_key_value_heads"], m["head_dim"], self.key_dtype,
+                              self.value_dtype)
             passed = tuple(i["name"] for i in nxt.inputs
                            if i["name"] not in ("position_ids", "image_start")) if select else ()
             steps.append(_Step(seg.name, cache, select, passed))

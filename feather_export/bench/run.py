@@ -393,8 +393,8 @@ def cache_sweep(pipe, lengths, repeats: int = 3) -> dict:
             for spec in seg.inputs:
                 if spec["name"].startswith("past_key_values."):
                     kv_heads, head_dim = spec["shape"][1], spec["shape"][3]
-                    feeds[spec["name"]] = np.zeros((1, kv_heads, length, head_dim),
-                                                   pipe.kv_dtype)
+                    kind = pipe.value_dtype if spec["name"].endswith(".value") else pipe.key_dtype
+                    feeds[spec["name"]] = np.zeros((1, kv_heads, length, head_dim), kind)
             inputs = {name: memory.upload(value) for name, value in feeds.items()}  # once
             del feeds
             runner.run_device(inputs)                             # warm this shape

@@ -7,12 +7,13 @@ stay in the artifact's dtype) or ``f32``. The ``select`` segments hold the ``fea
 which OpenVINO has no conversion: they run on ONNX Runtime CPU, in the same host memory, so the
 Pipeline chains every segment by pointer as on the other backends.
 
-At bf16 the KV caches are kept in bfloat16 (``kv_dtype``): the decoder spans take
-``past_key_values.*`` and give ``present.*`` in bf16, the precision their kernels compute them in, so
-a decode step reads the cache once instead of converting the whole fp32 buffers to bf16 first
-(measured on shape-llava-1b: 57 -> 47 ms per step; benchmarks/openvino_segments.py). A ``select``
-segment that scores with ``present.{i}.key`` (FastV, BTP) gets it converted back to the artifact's
-dtype.
+At bf16 the value caches are kept in bfloat16 (``value_cache_dtype``): the decoder spans take
+``past_key_values.*.value`` and give ``present.*.value`` in bf16, the precision the plugin reads
+values in anyway, so a decode step no longer converts every layer's whole fp32 value buffer to
+bf16 first (measured on shape-llava-1b: benchmarks/openvino_segments.py). Keys stay in the
+artifact's dtype: the plugin computes q.k in f32, and rounding the cached keys to bf16 cost the
+trained tiny-shapes eval 2.3 points (97.0 -> 94.7 %, benchmarks/openvino_accuracy.py); a ``select``
+segment that scores with ``present.{i}.key`` (FastV, BTP) gets it as before.
 
 Inputs are wrapped without a copy (``ov.Tensor(..., shared_memory=True)``; bf16 as ``ml_dtypes``'
 bfloat16) and outputs are the infer request's own buffers, valid until the runner runs again (the
@@ -30,7 +31,6 @@ from ..device import HostMemory, Tensor
 from ..errors import FeatherError
 
 PRECISIONS = ("bf16", "f32")
-KV_PREFIXES = ("past_key_values.", "present.")
 
 
 def _bf16():
@@ -75,7 +75,8 @@ class OpenVinoBackend:
         self.precision = precision
         self.threads = threads
         self.config = dict(config or {})
-        self.kv_dtype = _bf16() if precision == "bf16" else None   # None: the artifact's dtype
+        # the value caches in bf16 (None: the artifact's dtype; see the module's docstring)
+        self.value_cache_dtype = _bf16() if precision == "bf16" else None
         self.name = f"openvino-{precision}-cpu"
         self.memory = HostMemory()
         self._select = OnnxRuntimeBackend(device="cpu", threads=threads)
@@ -83,13 +84,12 @@ class OpenVinoBackend:
 
     def load(self, root, segment):
         if segment.kind == "select":
-            runner = self._select.load(root, segment)
-            return _FloatInputs(runner, segment) if self.kv_dtype is not None else runner
+            return self._select.load(root, segment)
         config = {**compile_config(self.precision, self.threads), **self.config}
         path = Path(root) / segment.file
         try:
             model = self.core.read_model(str(path))
-            if self.kv_dtype is not None and segment.kind == "decoder":
+            if self.value_cache_dtype is not None and segment.kind == "decoder":
                 model = _kv_in_bf16(model)
             compiled = self.core.compile_model(model, "CPU", config)
         except Exception as exc:  # noqa: BLE001 - a segment OpenVINO cannot take is an error here
@@ -101,43 +101,24 @@ class OpenVinoBackend:
         self._select.close()
 
 
+def _is_value_cache(name: str) -> bool:
+    return name.startswith(("past_key_values.", "present.")) and name.endswith(".value")
+
+
 def _kv_in_bf16(model):
-    """The span's KV-cache inputs and outputs as bf16 tensors (a conversion the CPU plugin folds
+    """The span's value-cache inputs and outputs as bf16 tensors (a conversion the CPU plugin folds
     into its bf16 kernels)."""
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
     ppp = PrePostProcessor(model)
     for port in model.inputs:
-        if port.get_any_name().startswith(KV_PREFIXES):
+        if _is_value_cache(port.get_any_name()):
             ppp.input(port.get_any_name()).tensor().set_element_type(ov.Type.bf16)
     for port in model.outputs:
-        if port.get_any_name().startswith(KV_PREFIXES):
+        if _is_value_cache(port.get_any_name()):
             ppp.output(port.get_any_name()).tensor().set_element_type(ov.Type.bf16)
     return ppp.build()
-
-
-class _FloatInputs:
-    """A select segment on ONNX Runtime fed from a bf16 KV cache: bf16 inputs are converted to the
-    dtype the segment declares (FastV/BTP score with ``present.{i}.key``)."""
-
-    def __init__(self, runner, segment):
-        self.runner, self.name = runner, runner.name
-        self.dtypes = {i["name"]: np.dtype(i["dtype"]) for i in segment.inputs
-                       if i["dtype"] in ("float32", "float16")}
-
-    def run_device(self, inputs: dict) -> dict:
-        bf16 = _bf16()
-        converted = {}
-        for name, t in inputs.items():
-            if t.dtype == bf16 and self.dtypes.get(name) is not None:
-                a = _host_array(t).astype(self.dtypes[name])
-                t = Tensor(a.ctypes.data, a.shape, a.dtype, owner=a)
-            converted[name] = t
-        return self.runner.run_device(converted)
-
-    def run(self, feeds: dict) -> dict:
-        return self.runner.run(feeds)
 
 
 def _ov_tensor(array: np.ndarray, port_type):
