@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """The OpenVINO backend's accuracy guard: trained tiny-shapes answers per backend vs ONNX Runtime fp32.
 
-Exports tiny-shapes with `none` and FEATHER@64, answers --n held-out test questions through
-ONNX Runtime CPU (fp32), OpenVINO bf16 and OpenVINO f32, and reports per backend how often the
-answer equals ONNX Runtime's and how often it is correct. Writes --results/openvino_accuracy.json.
+Exports tiny-shapes with `none` and FEATHER@64, each with float weights and with int8 weights
+(decoder linear layers and lm_head, `--weights int8 --lm-head-weights int8`), answers --n held-out
+test questions through ONNX Runtime CPU (fp32), OpenVINO bf16 and OpenVINO f32, and reports per
+artifact and backend how often the answer equals ONNX Runtime's on the float artifact and how often
+it is correct. Writes --results/openvino_accuracy.json.
 
-    python benchmarks/openvino_accuracy.py            # 300 questions, about a minute on 2 cores
+    python benchmarks/openvino_accuracy.py            # 300 questions, about two minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -35,19 +37,26 @@ def main(argv=None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method, budget in (("none", None), ("feather", 64)):
-            path = export("tiny-shapes", Path(tmp) / method,
-                          ExportOptions(method=method, budget=budget), progress=lambda m: None)
-            answers = {}
-            for backend in BACKENDS:
-                pipe = Pipeline.load(path, backend=backend)
-                answers[backend] = [pipe.generate(image=s.image(), prompt=s.question,
-                                                  max_new_tokens=8).text.strip() for s in samples]
-                pipe.close()
-            reference = answers["onnxruntime-cpu"]
-            label = method if budget is None else f"{method}@{budget}"
-            rows[label] = {b: {"same_as_onnxruntime_fp32": sum(x == y for x, y in zip(a, reference)),
-                               "correct": sum(x == s.answer for x, s in zip(a, samples)),
-                               "questions": len(samples)} for b, a in answers.items()}
+            reference = None
+            for weights in ("float", "int8"):
+                quant = {} if weights == "float" else {"weights": "int8", "lm_head_weights": "int8"}
+                path = export("tiny-shapes", Path(tmp) / f"{method}-{weights}",
+                              ExportOptions(method=method, budget=budget, **quant),
+                              progress=lambda m: None)
+                answers = {}
+                for backend in BACKENDS:
+                    pipe = Pipeline.load(path, backend=backend)
+                    answers[backend] = [pipe.generate(image=s.image(), prompt=s.question,
+                                                      max_new_tokens=8).text.strip()
+                                        for s in samples]
+                    pipe.close()
+                reference = reference or answers["onnxruntime-cpu"]     # float, ONNX Runtime
+                label = (method if budget is None else f"{method}@{budget}") + \
+                    ("" if weights == "float" else " int8 weights")
+                rows[label] = {b: {"same_as_onnxruntime_fp32": sum(x == y for x, y in
+                                                                   zip(a, reference)),
+                                   "correct": sum(x == s.answer for x, s in zip(a, samples)),
+                                   "questions": len(samples)} for b, a in answers.items()}
     args.results.mkdir(parents=True, exist_ok=True)
     report = {"command": shlex.join(["python", "benchmarks/openvino_accuracy.py",
                                      *(argv if argv is not None else sys.argv[1:])]),
