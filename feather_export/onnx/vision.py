@@ -14,8 +14,8 @@ from __future__ import annotations
 from feather_export.models.family import vision_spec
 from feather_export.models.weights import PROJECTOR
 from feather_export.onnx.graph import DTYPES, GraphBuilder
-from feather_export.onnx.layers import (F32, activation, attend, attention_probs, cast, layer_norm,
-                                        linear, heads_first, split_heads)
+from feather_export.onnx.layers import (F32, activation, cast, heads_first, layer_norm, linear,
+                                        self_attention, split_heads)
 
 BF16 = DTYPES["bf16"]
 
@@ -86,8 +86,7 @@ def tower_hidden_states(g: GraphBuilder, w, pixels: str, batch: int, et: int, on
         qkv = linear(g, h, w, [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"], f"{p}.qkv_proj", et)
         q, k, v = (fold(heads_first(g, split_heads(g, t, heads, head_dim)))
                    for t in g.op("Split", qkv, g.const([c, c, c]), axis=-1, outputs=3))
-        probs = attention_probs(g, q, k, 1, batch * heads, head_dim, None)   # [1, BH, 1, T, T]
-        ctx = attend(g, probs, v, batch * heads, head_dim, et)               # [1, T, B*c]
+        ctx, probs = self_attention(g, q, k, v, head_dim, et)    # [1, T, B*c], [1, BH, T, T]
         if batch > 1:                                                        # -> [B, T, c]
             ctx = g.op("Transpose", g.op("Reshape", ctx, g.const([-1, batch, c])), perm=[1, 0, 2])
         x = g.op("Add", x, linear(g, ctx, w, f"{a}.out_proj", f"{p}.out_proj", et))
@@ -97,7 +96,7 @@ def tower_hidden_states(g: GraphBuilder, w, pixels: str, batch: int, et: int, on
         hidden_states[i + 1] = x
         if on_layer:
             on_layer(i)
-    return hidden_states, probs
+    return hidden_states, g.op("Unsqueeze", probs, g.const([2]))         # [1, BH, 1, T, T]
 
 
 def project_features(g, w, spec, hidden_states: dict, first: int, count: int, et: int) -> str:
