@@ -11,9 +11,10 @@ At bf16 the value caches are kept in bfloat16 (``value_cache_dtype``): the decod
 ``past_key_values.*.value`` and give ``present.*.value`` in bf16, the precision the plugin reads
 values in anyway, so a decode step no longer converts every layer's whole fp32 value buffer to
 bf16 first (measured on shape-llava-1b: benchmarks/openvino_segments.py). Keys stay in the
-artifact's dtype: the plugin computes q.k in f32, and rounding the cached keys to bf16 cost the
-trained tiny-shapes eval 2.3 points (97.0 -> 94.7 %, benchmarks/openvino_accuracy.py); a ``select``
-segment that scores with ``present.{i}.key`` (FastV, BTP) gets it as before.
+artifact's dtype: the plugin folds the 1/sqrt(hd) scale into the cached keys in f32 before it
+rounds them for its bf16 q.k, and storing them in bf16 instead cost the trained tiny-shapes eval
+2.3 points (97.0 -> 94.7 %, benchmarks/openvino_accuracy.py); a ``select`` segment that scores with
+``present.{i}.key`` (FastV, BTP) gets it as before.
 
 Inputs are wrapped without a copy (``ov.Tensor(..., shared_memory=True)``; bf16 as ``ml_dtypes``'
 bfloat16) and outputs are the infer request's own buffers, valid until the runner runs again (the
@@ -90,7 +91,7 @@ class OpenVinoBackend:
         try:
             model = self.core.read_model(str(path))
             if self.value_cache_dtype is not None and segment.kind == "decoder":
-                model = _kv_in_bf16(model)
+                model = _value_cache_in_bf16(model)
             compiled = self.core.compile_model(model, "CPU", config)
         except Exception as exc:  # noqa: BLE001 - a segment OpenVINO cannot take is an error here
             raise FeatherError(f"OpenVINO could not compile {path}: {exc}") from None
@@ -105,7 +106,7 @@ def _is_value_cache(name: str) -> bool:
     return name.startswith(("past_key_values.", "present.")) and name.endswith(".value")
 
 
-def _kv_in_bf16(model):
+def _value_cache_in_bf16(model):
     """The span's value-cache inputs and outputs as bf16 tensors (a conversion the CPU plugin folds
     into its bf16 kernels)."""
     import openvino as ov
