@@ -43,7 +43,8 @@ def test_f32_equals_onnxruntime(tmp_path, model, options):
 
 def test_bf16_answers_like_fp32_on_the_trained_eval():
     """The accuracy guard of the bf16 path: 60 test questions of the trained tiny-shapes model,
-    answered by ONNX Runtime fp32 and by OpenVINO bf16 (none and FEATHER@64)."""
+    answered by ONNX Runtime fp32 and by OpenVINO bf16 (none, FEATHER@64, and FEATHER@64 with int8
+    decoder and lm_head weights, which OpenVINO runs as compressed weights)."""
     import tempfile
     from pathlib import Path
 
@@ -52,9 +53,11 @@ def test_bf16_answers_like_fp32_on_the_trained_eval():
     samples = make_samples("test", 60)
     with tempfile.TemporaryDirectory() as tmp:
         rates = {}
-        for method, budget in (("none", None), ("feather", 64)):
-            path = export("tiny-shapes", Path(tmp) / method, ExportOptions(method=method,
-                                                                           budget=budget),
+        for method, budget, weights in (("none", None, "float"), ("feather", 64, "float"),
+                                        ("feather", 64, "int8")):
+            quant = {} if weights == "float" else {"weights": weights, "lm_head_weights": weights}
+            path = export("tiny-shapes", Path(tmp) / f"{method}-{weights}",
+                          ExportOptions(method=method, budget=budget, **quant),
                           progress=lambda m: None)
             answers = {}
             for backend in ("onnxruntime-cpu", "openvino-bf16"):
@@ -66,7 +69,7 @@ def test_bf16_answers_like_fp32_on_the_trained_eval():
             same = sum(a == b for a, b in zip(*answers.values())) / len(samples)
             right = {b: sum(a == s.answer for a, s in zip(answers[b], samples)) / len(samples)
                      for b in answers}
-            rates[method] = (same, right)
+            rates[f"{method} {weights}"] = (same, right)
     for method, (same, right) in rates.items():
         assert same >= 0.95, rates
         assert right["openvino-bf16"] >= right["onnxruntime-cpu"] - 0.05, rates
