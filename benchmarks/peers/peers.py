@@ -343,6 +343,17 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_title(report: dict) -> str:
+    """The plot's title from a peers.json report: model, prompt, CPU and its flags, load."""
+    machine, summary = report["machine"], report["summary"]
+    flags = ", ".join(k for k in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                      if machine[k]) or "no AVX-512"
+    tokens = next(iter(summary.values()), {}).get("prompt_tokens", "?")
+    load = median([s["loadavg_before"][0] for s in report["samples"]])
+    return (f"{report['model']}, {tokens}-token prompt, {report['new_tokens']} new tokens; "
+            f"{machine['cpu']} ({flags}); load {load:.1f}")
+
+
 def plot(summary: dict, path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -352,17 +363,21 @@ def plot(summary: dict, path: Path, title: str) -> None:
         say("matplotlib missing: no plot (pip install 'feather-export[bench]')")
         return
     names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * len(names)), sharey=True)
     for ax, key, lo, hi, label in ((axes[0], "ttft_s", "ttft_p10", "ttft_p90", "TTFT (s, lower is better)"),
                                    (axes[1], "decode_tok_s", "decode_p10", "decode_p90",
                                     "decode tokens/s (higher is better)")):
         vals = [summary[n][key] for n in names]
         err = [[v - summary[n][lo] for v, n in zip(vals, names)],
                [summary[n][hi] - v for v, n in zip(vals, names)]]
-        ax.bar(names, vals, yerr=err, capsize=4, color=["C0" if n.startswith("ours") else "C1"
-                                                        if n.startswith("torch") else "C2" for n in names])
+        ax.barh(names, vals, xerr=err, capsize=3, color=["C0" if n.startswith("ours") else "C1"
+                                                         if n.startswith("torch") else "C2"
+                                                         for n in names])
         ax.set_title(label)
-        ax.tick_params(axis="x", rotation=30)
+        for y, (v, n) in enumerate(zip(vals, names)):           # the median, right of the p90
+            ax.text(summary[n][hi], y, f"  {v:.2f}", va="center", fontsize=8)
+        ax.margins(x=0.15)
+    axes[0].invert_yaxis()                 # (shared) first engine on top
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -424,8 +439,7 @@ def main(argv=None) -> int:
               f"{lim['gemm_fp32_gflops']} GFLOP/s, bf16 GEMM {lim['gemm_bf16_gflops']} GFLOP/s, read "
               f"{lim['read_gb_s']} GB/s. {note}\n\n")
     (results / "table.md").write_text(header + text)
-    plot(summary, results / "peers.png", f"{args.model}, {next(iter(summary.values()), {}).get('prompt_tokens', '?')}-token prompt, {args.new_tokens} new tokens; "
-         f"{machine['cpu']} ({flags}); load {median(loads):.1f}")
+    plot(summary, results / "peers.png", plot_title(report))
     (results / "COMMAND.txt").write_text(
         "# made by (from the repository root, project venv active; OpenVINO venv from "
         "benchmarks/peers/setup_openvino.sh):\n"
