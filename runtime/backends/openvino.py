@@ -24,6 +24,7 @@ cache port) is converted.
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..errors import FeatherError
 PRECISIONS = ("bf16", "f32")
 
 
+@cache
 def _bf16():
     import ml_dtypes          # a dependency of onnx
 
@@ -122,20 +124,30 @@ def _value_cache_in_bf16(model):
     return ppp.build()
 
 
-def _ov_tensor(array: np.ndarray, port_type):
-    """Wrap ``array`` for a port of element type ``port_type`` without a copy, converting it when
-    its dtype is another (bf16 travels as uint16 storage)."""
+def _numpy_dtype(port) -> np.dtype:
+    """The numpy dtype of a compiled port (bf16 as ``ml_dtypes``' bfloat16)."""
+    import openvino as ov
+
+    kind = port.get_element_type()
+    return _bf16() if kind == ov.Type.bf16 else np.dtype(kind.to_dtype())
+
+
+def _port_dtypes(ports) -> dict[str, np.dtype]:
+    """Every name of every port (a port answers to each of its names) -> its numpy dtype."""
+    return {name: _numpy_dtype(p) for p in ports for name in p.get_names()}
+
+
+def _ov_tensor(array: np.ndarray, dtype: np.dtype):
+    """Wrap ``array`` for a port of numpy ``dtype`` without a copy, converting it when its dtype is
+    another (bf16 travels as uint16 storage)."""
     import openvino as ov
 
     if not array.flags.c_contiguous:         # (np.ascontiguousarray would make a 0-d array 1-d)
         array = array.copy()
-    if port_type == ov.Type.bf16:
-        if array.dtype != _bf16():
-            array = array.astype(_bf16())
+    if array.dtype != dtype:
+        array = array.astype(dtype)
+    if dtype == _bf16():
         return ov.Tensor(array.view(np.uint16), array.shape, ov.Type.bf16)
-    wanted = np.dtype(port_type.to_dtype())
-    if array.dtype != wanted:
-        array = array.astype(wanted)
     return ov.Tensor(array, shared_memory=True)
 
 
@@ -156,33 +168,28 @@ class OpenVinoRunner:
         self.memory = memory
         self.request = compiled.create_infer_request()
         self.output_names = list(output_names)
-        self.input_types = {p.get_any_name(): p.get_element_type() for p in compiled.inputs}
-        for p in compiled.inputs:            # a port answers to every one of its names
-            for n in p.get_names():
-                self.input_types[n] = p.get_element_type()
+        self.input_dtypes = _port_dtypes(compiled.inputs)
+        outputs = _port_dtypes(compiled.outputs)
+        self.bf16_outputs = {n for n in self.output_names if outputs[n] == _bf16()}
 
     def _outputs(self) -> dict[str, np.ndarray]:
-        import openvino as ov
-
         out = {}
         for name in self.output_names:
-            tensor = self.request.get_tensor(name)
-            data = tensor.data
-            if tensor.element_type == ov.Type.bf16:          # numpy shows it as float16 bits
-                data = data.view(_bf16())
-            out[name] = data
+            data = self.request.get_tensor(name).data
+            # numpy shows a bf16 tensor's bits as float16
+            out[name] = data.view(_bf16()) if name in self.bf16_outputs else data
         return out
 
     def run(self, feeds: dict) -> dict:
         """Host numpy in, host numpy out (copies; bf16 outputs as float32)."""
-        self.request.infer({n: _ov_tensor(np.asarray(a), self.input_types[n])
+        self.request.infer({n: _ov_tensor(np.asarray(a), self.input_dtypes[n])
                             for n, a in feeds.items()})
         return {n: (a.astype(np.float32) if a.dtype == _bf16() else a.copy())
                 for n, a in self._outputs().items()}
 
     def run_device(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         for name, t in inputs.items():
-            self.request.set_tensor(name, _ov_tensor(_host_array(t), self.input_types[name]))
+            self.request.set_tensor(name, _ov_tensor(_host_array(t), self.input_dtypes[name]))
         try:
             self.request.infer()
         except Exception as exc:  # noqa: BLE001 - shapes/dtypes the graph refuses
