@@ -292,13 +292,12 @@ def _inputs(artifact: Path, image: Path, prompt: str):
     ``Pipeline.encode`` makes them."""
     from feather_runtime.manifest import load_manifest
     from feather_runtime.preprocess import load_image, preprocessor_for
-    from feather_runtime.prompt import PromptBuilder, PromptTemplate
+    from feather_runtime.prompt import PromptBuilder
 
     manifest = load_manifest(artifact, verify=False)
     pixels = preprocessor_for(manifest.root, manifest["model"].get("anyres"))(load_image(str(image)))
-    builder = PromptBuilder.from_dir(manifest.root / "tokenizer",
-                                     PromptTemplate.from_dict(manifest.data.get("prompt")))
-    return pixels, int(builder.build(prompt, manifest["model"]["num_image_tokens"]).shape[1])
+    ids = PromptBuilder.for_artifact(manifest).build(prompt, manifest["model"]["num_image_tokens"])
+    return pixels, int(ids.shape[1])
 
 
 if __name__ == "__main__":

@@ -165,11 +165,10 @@ class Pipeline:
 
     @property
     def prompt_builder(self):
-        from .prompt import PromptBuilder, PromptTemplate
+        from .prompt import PromptBuilder
 
         if self._prompt is None:
-            self._prompt = PromptBuilder.from_dir(self.manifest.root / "tokenizer",
-                                                  PromptTemplate.from_dict(self.manifest.data.get("prompt")))
+            self._prompt = PromptBuilder.for_artifact(self.manifest)
         return self._prompt
 
     def encode(self, image, prompt: str):

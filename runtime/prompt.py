@@ -89,6 +89,13 @@ class PromptBuilder:
         return token_id
 
     @classmethod
+    def for_artifact(cls, manifest) -> "PromptBuilder":
+        """The builder an artifact's prompts use: its tokenizer with the template its manifest
+        records (``feather_runtime.manifest.Manifest``)."""
+        return cls.from_dir(manifest.root / "tokenizer",
+                            PromptTemplate.from_dict(manifest.data.get("prompt")))
+
+    @classmethod
     def from_dir(cls, path: Union[str, os.PathLike], template: PromptTemplate | None = None) -> "PromptBuilder":
         """Load ``tokenizer.json`` (and special tokens from ``tokenizer_config.json`` if present)."""
         directory = pathlib.Path(path)

@@ -102,6 +102,11 @@ def test_export_stores_the_template_and_the_runtime_uses_it(checkpoints, tmp_pat
     ids = Pipeline.load(out).prompt_builder.build("Hi?", 4)[0].tolist()
     tok = PromptBuilder.from_dir(out / "tokenizer").tokenizer
     assert tok.decode(ids, skip_special_tokens=False).endswith("\nHi?<|im_end|>\n<|im_start|>assistant\n")
+    # what the serving ingress counts prompt tokens with: the same template, not the default
+    from feather_runtime.manifest import load_manifest
+
+    assert PromptBuilder.for_artifact(load_manifest(out)).build("Hi?", 4)[0].tolist() == ids
+    assert PromptBuilder.from_dir(out / "tokenizer").build("Hi?", 4)[0].tolist() != ids
 
 
 def test_named_templates_and_refusals(tmp_path):

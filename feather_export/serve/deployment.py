@@ -106,7 +106,7 @@ class OpenAIIngress:
         self.model = model
         self.created = responses.now()
         self.num_image_tokens = manifest["model"]["num_image_tokens"]
-        self.builder = PromptBuilder.from_dir(manifest.root / "tokenizer")
+        self.builder = PromptBuilder.for_artifact(manifest)     # the artifact's own template
         self.limits = Limits(model=model_name, max_tokens=manifest["max_new_tokens"],
                              max_text_tokens=manifest["max_text_tokens"],
                              max_image_pixels=max_image_pixels,
