@@ -89,9 +89,11 @@ def node_count(request) -> int:
     return sum(str(i.status).endswith("EXECUTED") for i in request.profiling_info)
 
 
-def exec_types(request, node_type: str) -> list[str]:
-    """The kernels (exec types) the plugin picked for one node type, e.g. brgemm_avx512_bf16."""
-    return sorted({i.exec_type for i in request.profiling_info if i.node_type == node_type})
+def matmul_kernels(request) -> list[str]:
+    """The kernels (exec types) the plugin picked for its matrix products (FullyConnected, and
+    FullyConnectedCompressed for int8 weights), e.g. brgemm_avx512_bf16."""
+    return sorted({f"{i.node_type}: {i.exec_type}" for i in request.profiling_info
+                   if i.node_type.startswith("FullyConnected")})
 
 
 def median(values):
@@ -140,10 +142,10 @@ def measure_ours(artifact: Path, image: Path, prompt: str, precision: str, threa
         runs = {"vision": repeats + 2, "prefill": repeats + 2, "decode_step": decode_steps + 1}
         profile = {k: ph.per_run(runs[k]) for k, ph in phases.items()}
         nodes = {k: node_count(ph.request) for k, ph in phases.items()}
-        kernels = exec_types(split.decode.request, "FullyConnected")
+        kernels = matmul_kernels(split.decode.request)
     return {"tokens": int(ids.shape[1]), "vision_s": median(vision), "prefill_s": median(prefill),
             "decode_step_ms": round(1e3 / res.timings["decode_tokens_per_s"], 2),
-            "profile_ms": profile, "nodes_executed": nodes, "fully_connected_kernels": kernels,
+            "profile_ms": profile, "nodes_executed": nodes, "matmul_kernels": kernels,
             "pixels": pixels}
 
 
@@ -209,7 +211,7 @@ def measure_theirs(ir: Path, pixels, tokens: int, precision: str, threads, repea
             "decode_step_ms": round(decode * 1e3, 2),
             "profile_ms": {k: ph.per_run(runs[k]) for k, ph in phases.items()},
             "nodes_executed": {k: node_count(ph.request) for k, ph in phases.items()},
-            "fully_connected_kernels": exec_types(dec, "FullyConnected"),
+            "matmul_kernels": matmul_kernels(dec),
             "kv_cache_precision": str(lm.get_property("KV_CACHE_PRECISION")),
             "inputs": {p.get_any_name(): str(p.get_partial_shape()) for p in lm.inputs}}
 

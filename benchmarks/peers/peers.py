@@ -343,11 +343,16 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_flag_names(machine: dict) -> str:
+    """The fast-unit flags a machine record has, for titles: e.g. "avx512f, avx512_bf16"."""
+    return ", ".join(k for k in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                     if machine[k]) or "no AVX-512"
+
+
 def plot_title(report: dict) -> str:
     """The plot's title from a peers.json report: model, prompt, CPU and its flags, load."""
     machine, summary = report["machine"], report["summary"]
-    flags = ", ".join(k for k in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                      if machine[k]) or "no AVX-512"
+    flags = cpu_flag_names(machine)
     tokens = next(iter(summary.values()), {}).get("prompt_tokens", "?")
     load = median([s["loadavg_before"][0] for s in report["samples"]])
     return (f"{report['model']}, {tokens}-token prompt, {report['new_tokens']} new tokens; "
@@ -433,8 +438,7 @@ def main(argv=None) -> int:
     (results / "peers.json").write_text(json.dumps(report, indent=1))
     text = table(summary)
     lim = machine["limits"]
-    flags = ", ".join(k for k in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                      if machine[k]) or "no AVX-512"
+    flags = cpu_flag_names(machine)
     header = (f"{machine['cpu']}, {machine['logical_cpus']} CPUs ({flags}); fp32 GEMM "
               f"{lim['gemm_fp32_gflops']} GFLOP/s, bf16 GEMM {lim['gemm_bf16_gflops']} GFLOP/s, read "
               f"{lim['read_gb_s']} GB/s. {note}\n\n")
