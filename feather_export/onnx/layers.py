@@ -168,9 +168,9 @@ def self_attention(g: GraphBuilder, q: str, k: str, v: str, head_dim: int, et: i
     [1, heads, T, hd] -> (ctx [1, T, heads*hd], fp32 probabilities [1, heads, T, T]).
 
     Written as MatMul(q, k^T) -> scale -> Softmax -> MatMul(., v) on 4-D tensors: the pattern
-    OpenVINO's CPU plugin fuses into one attention kernel (measured 9.7 vs 13.6 ms per CLIP-L layer
-    at bf16 against the 5-D grouped form of ``attention_probs``); ONNX Runtime still folds the key
-    transpose into its MatMul."""
+    OpenVINO's CPU plugin fuses into one attention kernel (a ``Subgraph`` node in
+    benchmarks/openvino_segments.py's profile; the 5-D grouped form of ``attention_probs`` ran as
+    separate MatMul and Softmax nodes); ONNX Runtime still folds the key transpose into its MatMul."""
     logits = g.op("Mul", g.op("Cast", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])),
                               to=F32), g.const(np.float32(head_dim ** -0.5), np.float32))
     probs = g.op("Softmax", logits, axis=-1)

@@ -10,7 +10,7 @@ Pipeline chains every segment by pointer as on the other backends.
 At bf16 the value caches are kept in bfloat16 (``value_cache_dtype``): the decoder spans take
 ``past_key_values.*.value`` and give ``present.*.value`` in bf16, the precision the plugin reads
 values in anyway, so a decode step no longer converts every layer's whole fp32 value buffer to
-bf16 first (measured on shape-llava-1b: benchmarks/openvino_segments.py). Keys stay in the
+bf16 first (measured on shape-llava-1b: benchmarks/openvino_decode.py). Keys stay in the
 artifact's dtype: the plugin folds the 1/sqrt(hd) scale into the cached keys in f32 before it
 rounds them for its bf16 q.k, and storing them in bf16 instead cost the trained tiny-shapes eval
 2.3 points (97.0 -> 94.7 %, benchmarks/openvino_accuracy.py); a ``select`` segment that scores with
